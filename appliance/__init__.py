@@ -1,0 +1,3 @@
+"""edugate: the software of a school-gate attendance appliance."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,271 @@
+"""Validated configuration of a gate: loaded from TOML, checked before anything starts.
+
+Every section is a pydantic model that forbids unknown keys, so a typo in a school's
+``gate.toml`` is an error naming the file, the key and what is allowed, never a silently
+ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from datetime import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from appliance.events import Direction
+
+DEFAULT_CONFIG_PATH = Path("/etc/edugate/gate.toml")
+
+UidFormat = Literal["hex", "hex_reversed", "dec10", "dec10_reversed"]
+_TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message is meant for the school's IT person."""
+
+
+def parse_hhmm(value: Any) -> time:
+    """Parse "HH:MM" (24 h) into a time; TOML local times are accepted as they are."""
+    if isinstance(value, time):
+        return value
+    if not isinstance(value, str) or not _TIME_RE.match(value):
+        raise ValueError(f'must be a time as "HH:MM" (24-hour), got {value!r}')
+    hours, minutes = value.split(":")
+    return time(int(hours), int(minutes))
+
+
+HHMM = Annotated[time, Field(json_schema_extra={"format": "HH:MM"})]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceConfig(_Section):
+    id: str = Field("gate-01", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    school: str = Field("school", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    timezone: str = "Asia/Ho_Chi_Minh"
+    language: Literal["vi", "en"] = "vi"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Ho_Chi_Minh)") from exc
+        return value
+
+
+class JournalConfig(_Section):
+    path: Path = Path("/var/lib/edugate/journal.db")
+    retention_days: int = Field(30, ge=1, le=3650, description="synced events older than this are pruned")
+    min_free_mb: int = Field(200, ge=1, description="below this much free disk, status and logs warn loudly")
+
+
+class ReaderConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    type: Literal["pcsc", "wedge", "socket"]
+    direction: Direction = Direction.AUTO
+    match: str | None = Field(None, description="pcsc: text contained in the PC/SC reader name")
+    device: str | None = Field(None, description="wedge: /dev/input/... path of the reader")
+    uid_format: UidFormat | None = Field(
+        None, description="how the reader writes UIDs; default dec10_reversed for wedge, hex for socket"
+    )
+    path: Path | None = Field(None, description="socket: unix socket that receives UIDs, one per line")
+
+    @model_validator(mode="after")
+    def _needs_its_address(self) -> ReaderConfig:
+        needed = {"pcsc": "match", "wedge": "device", "socket": "path"}[self.type]
+        if getattr(self, needed) is None:
+            raise ValueError(f"a {self.type} reader needs '{needed}'")
+        return self
+
+    @property
+    def uid_text_format(self) -> str:
+        return self.uid_format or ("dec10_reversed" if self.type == "wedge" else "hex")
+
+
+class RolePolicy(_Section):
+    arrival_window: tuple[HHMM, HHMM]
+    departure_window: tuple[HHMM, HHMM]
+    start: HHMM
+    late_grace_minutes: int = Field(0, ge=0, le=240)
+
+    @field_validator("arrival_window", "departure_window", mode="before")
+    @classmethod
+    def _window(cls, value: Any) -> tuple[time, time]:
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise ValueError('must be a pair of times, e.g. ["06:00", "08:30"]')
+        first, last = parse_hhmm(value[0]), parse_hhmm(value[1])
+        if not first < last:
+            raise ValueError(f"window must start before it ends, got {value[0]} .. {value[1]}")
+        return first, last
+
+    @field_validator("start", mode="before")
+    @classmethod
+    def _start(cls, value: Any) -> time:
+        return parse_hhmm(value)
+
+
+def _student_defaults() -> RolePolicy:
+    return RolePolicy(arrival_window=("05:30", "11:00"), departure_window=("11:00", "19:30"), start="07:15")
+
+
+def _staff_defaults() -> RolePolicy:
+    return RolePolicy(arrival_window=("05:00", "11:00"), departure_window=("11:00", "21:00"), start="07:00")
+
+
+class PolicyConfig(_Section):
+    debounce_seconds: float = Field(30.0, ge=0, le=3600)
+    student: RolePolicy = Field(default_factory=_student_defaults)
+    staff: RolePolicy = Field(default_factory=_staff_defaults)
+    class_start: dict[str, HHMM] = Field(
+        default_factory=dict, description="per-class start time overriding student.start (afternoon shifts)"
+    )
+
+    @field_validator("class_start", mode="before")
+    @classmethod
+    def _class_start(cls, value: Any) -> dict[str, time]:
+        if not isinstance(value, dict):
+            raise ValueError('must be a table of class = "HH:MM"')
+        return {str(k): parse_hhmm(v) for k, v in value.items()}
+
+
+class SoundConfig(_Section):
+    command: list[str] = Field(default_factory=lambda: ["aplay", "-q"], min_length=1)
+    speak: bool = Field(False, description="also speak the name with espeak-ng")
+
+
+class GpioConfig(_Section):
+    green_led: int | None = Field(17, ge=0, le=40)
+    red_led: int | None = Field(27, ge=0, le=40)
+    buzzer: int | None = Field(22, ge=0, le=40)
+    on_seconds: float = Field(0.8, gt=0, le=10)
+
+
+class FeedbackConfig(_Section):
+    outputs: list[Literal["console", "sound", "gpio"]] = Field(default_factory=lambda: ["console"])
+    show_names: bool = Field(True, description="show the person's name on the console at the gate")
+    sound: SoundConfig = Field(default_factory=SoundConfig)
+    gpio: GpioConfig = Field(default_factory=GpioConfig)
+
+
+class ClockConfig(_Section):
+    assume_synced: bool = Field(False, description="trust the clock without NTP (only with a battery-backed RTC)")
+
+
+class RosterColumns(_Section):
+    """Header names in the school's export, overriding the built-in Vietnamese/English aliases."""
+
+    id: str | None = None
+    full_name: str | None = None
+    class_name: str | None = Field(None, alias="class")
+    role: str | None = None
+    active: str | None = None
+    cards: str | None = None
+    parent_phone: str | None = None
+    parent_email: str | None = None
+
+
+class RosterConfig(_Section):
+    card_format: Literal["auto", "hex", "hex_reversed", "dec10", "dec10_reversed"] = "auto"
+    classes: list[str] = Field(default_factory=list, description="known classes; empty accepts any")
+    columns: RosterColumns = Field(default_factory=RosterColumns)
+    sheet: str | None = Field(None, description="XLSX sheet name; default the first sheet")
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class GateConfig(_Section):
+    """The whole ``gate.toml``."""
+
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    readers: list[ReaderConfig] = Field(default_factory=list)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    clock: ClockConfig = Field(default_factory=ClockConfig)
+    roster: RosterConfig = Field(default_factory=RosterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _unique_reader_names(self) -> GateConfig:
+        names = [r.name for r in self.readers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"reader names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.device.timezone)
+
+
+def _describe_allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """Allowed keys of the table that holds ``loc``'s last element (for unknown-key errors)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", {})
+        info = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
+        if info is None:
+            return ""
+        annotation = info.annotation
+        args = getattr(annotation, "__args__", ())
+        current = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if current is None:
+            return ""
+    keys = [f.alias or name for name, f in current.model_fields.items()]
+    return ", ".join(sorted(keys))
+
+
+def format_errors(source: str, error: ValidationError, model: type[BaseModel]) -> str:
+    """One line per problem: ``file: key.path: what is wrong (what is allowed)``."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        if item["type"] == "extra_forbidden":
+            allowed = _describe_allowed(model, loc)
+            message = f"unknown key; allowed here: {allowed}" if allowed else "unknown key"
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] not in {"value_error", "missing"} and "input" in item:
+                message += f" (got {item['input']!r})"
+        lines.append(f"{source}: {key or '(top level)'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> GateConfig:
+    """Validate an already-parsed TOML document."""
+    try:
+        return GateConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(source, exc, GateConfig)) from None
+
+
+def load_config(path: Path) -> GateConfig:
+    """Read and validate a gate.toml, with errors that name the file and the key."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file (pass --config FILE or create it from config/gate.example.toml)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,80 @@
+"""The feedback interface and the acknowledgement it shows."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from appliance.config import FeedbackConfig
+from appliance.events import Kind
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    REPEAT = "repeat"
+    UNKNOWN = "unknown"
+    REJECTED = "rejected"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """One answer to one tap; ``seq``/``event_id`` are set only when an event was committed."""
+
+    outcome: Outcome
+    reader: str
+    time_text: str
+    kind: Kind | None = None
+    name: str | None = None
+    minutes_late: int = 0
+    seq: int | None = None
+    event_id: str | None = None
+    card_uid: str | None = None
+    detected: float | None = None
+
+
+class Feedback(Protocol):
+    def show(self, ack: Ack) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MultiFeedback:
+    """Fans an ack out to every output; one broken output (a missing speaker) must not stop the others."""
+
+    def __init__(self, outputs: list[Feedback]) -> None:
+        self.outputs = outputs
+
+    def show(self, ack: Ack) -> None:
+        for output in self.outputs:
+            try:
+                output.show(ack)
+            except Exception as exc:
+                log.warning("feedback %s failed: %s", type(output).__name__, exc)
+
+    def close(self) -> None:
+        for output in self.outputs:
+            output.close()
+
+
+def build_feedback(config: FeedbackConfig, language: str) -> MultiFeedback:
+    """The outputs named in ``feedback.outputs``; GPIO is imported only when asked for."""
+    outputs: list[Feedback] = []
+    for name in config.outputs:
+        if name == "console":
+            from appliance.feedback.console import ConsoleFeedback
+
+            outputs.append(ConsoleFeedback(language, show_names=config.show_names))
+        elif name == "sound":
+            from appliance.feedback.sound import SoundFeedback
+
+            outputs.append(SoundFeedback(config.sound, language))
+        elif name == "gpio":
+            from appliance.feedback.gpio import GpioFeedback
+
+            outputs.append(GpioFeedback(config.gpio))
+    return MultiFeedback(outputs)

@@ -1,0 +1,147 @@
+"""The roster as kept in the journal database: people, their cards, a version that grows on change."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from appliance.journal.db import Database
+from appliance.roster.model import Person, Role, fold
+
+_PERSON_SQL = (
+    "SELECT p.id, p.full_name, p.role, p.class_name, p.active, p.parent_phones, p.parent_emails, "
+    "(SELECT group_concat(uid, ';') FROM cards c WHERE c.person_id = p.id) FROM persons p"
+)
+
+
+@dataclass
+class ApplyReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deactivated: list[str] = field(default_factory=list)
+    cards_moved: list[tuple[str, str, str]] = field(default_factory=list)
+    version: int = 0
+
+
+def _row_to_person(row: tuple) -> Person:
+    pid, name, role, class_name, active, phones, emails, cards = row
+    return Person(
+        pid,
+        name,
+        Role(role),
+        class_name,
+        bool(active),
+        tuple(sorted(cards.split(";"))) if cards else (),
+        tuple(json.loads(phones)),
+        tuple(json.loads(emails)),
+    )
+
+
+class RosterStore:
+    """Reads for the gate (card lookup per tap, always fresh) and all-or-nothing writes for imports."""
+
+    def __init__(self, database: Database) -> None:
+        self.conn = database.conn
+
+    def by_card(self, uid: str) -> Person | None:
+        row = self.conn.execute(
+            _PERSON_SQL + " WHERE p.id = (SELECT person_id FROM cards WHERE uid = ?)", [uid]
+        ).fetchone()
+        return _row_to_person(row) if row else None
+
+    def get(self, person_id: str) -> Person | None:
+        row = self.conn.execute(_PERSON_SQL + " WHERE p.id = ?", [person_id]).fetchone()
+        return _row_to_person(row) if row else None
+
+    def all(self) -> list[Person]:
+        return [_row_to_person(r) for r in self.conn.execute(_PERSON_SQL + " ORDER BY p.id")]
+
+    def search(self, text: str) -> list[Person]:
+        """People whose name contains ``text``, with or without diacritics."""
+        pattern = f"%{fold(text)}%"
+        rows = self.conn.execute(_PERSON_SQL + " WHERE p.search_name LIKE ? ORDER BY p.id", [pattern])
+        return [_row_to_person(r) for r in rows]
+
+    def count(self) -> tuple[int, int]:
+        """(people, cards)."""
+        people = self.conn.execute("SELECT COUNT(*) FROM persons").fetchone()[0]
+        cards = self.conn.execute("SELECT COUNT(*) FROM cards").fetchone()[0]
+        return people, cards
+
+    def version(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'roster_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def card_owners(self, uids: list[str]) -> dict[str, str]:
+        marks = ",".join("?" * len(uids))
+        rows = self.conn.execute(f"SELECT uid, person_id FROM cards WHERE uid IN ({marks})", uids) if uids else []
+        return dict(rows)
+
+    def apply(self, people: list[Person], replace: bool) -> ApplyReport:
+        """Write the people in one transaction.
+
+        ``replace``: the file is the whole roster, so people missing from it are deactivated
+        (kept, so their past events still resolve) and their cards may be given to others.
+        Without it, a card already held by someone outside the file is an error (ValueError).
+        """
+        report = ApplyReport()
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        incoming = {p.id: p for p in people}
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            existing = {p.id: p for p in self.all()}
+            owners = self.card_owners([uid for p in people for uid in p.cards])
+            for uid, owner in owners.items():
+                if owner in incoming:
+                    continue
+                if not replace:
+                    raise ValueError(f"card {uid} already belongs to {owner}, who is not in this file")
+                new_owner = next(p.id for p in people if uid in p.cards)
+                report.cards_moved.append((uid, owner, new_owner))
+            for person in people:
+                old = existing.get(person.id)
+                if old == person:
+                    report.unchanged += 1
+                    continue
+                if old is None:
+                    report.added += 1
+                else:
+                    report.updated += 1
+                conn.execute(
+                    "INSERT INTO persons(id, full_name, search_name, class_name, role, active, parent_phones, "
+                    "parent_emails, updated_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                    "full_name=excluded.full_name, search_name=excluded.search_name, class_name=excluded.class_name, "
+                    "role=excluded.role, active=excluded.active, parent_phones=excluded.parent_phones, "
+                    "parent_emails=excluded.parent_emails, updated_at=excluded.updated_at",
+                    [
+                        person.id,
+                        person.full_name,
+                        fold(person.full_name),
+                        person.class_name,
+                        person.role.value,
+                        int(person.active),
+                        json.dumps(list(person.parent_phones)),
+                        json.dumps(list(person.parent_emails)),
+                        now,
+                    ],
+                )
+                conn.execute("DELETE FROM cards WHERE person_id = ?", [person.id])
+                conn.executemany(
+                    "INSERT OR REPLACE INTO cards(uid, person_id) VALUES (?, ?)",
+                    [(uid, person.id) for uid in person.cards],
+                )
+            if replace:
+                for pid, old in existing.items():
+                    if pid not in incoming and old.active:
+                        conn.execute("UPDATE persons SET active = 0, updated_at = ? WHERE id = ?", [now, pid])
+                        report.deactivated.append(pid)
+            report.version = self.version() + (1 if (report.added or report.updated or report.deactivated) else 0)
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('roster_version', ?)", [str(report.version)])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return report

@@ -1,0 +1,1 @@
+"""People and their cards: the roster model and its import from the school's CSV/XLSX exports."""
