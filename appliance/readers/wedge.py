@@ -53,7 +53,11 @@ INTER_KEY_TIMEOUT = 0.3
 
 
 class KeyDecoder:
-    """Turns key-down events into UIDs; a pause, an unknown key or an overlong burst resets it."""
+    """Turns key-down events into UIDs; a pause, an unknown key or an overlong burst resets it.
+
+    After a pause or an overlong burst the keys up to the next Enter are dropped: they are the
+    tail of a broken number, and read on their own they would look like a different (short) card.
+    """
 
     def __init__(self, uid_format: str, on_garbage: Callable[[str], None]) -> None:
         self.uid_format = uid_format
@@ -61,6 +65,7 @@ class KeyDecoder:
         self._buffer: list[str] = []
         self._last = 0.0
         self._bad = False
+        self._skipping = False
 
     def feed(self, code: int, value: int, at: float) -> str | None:
         if value != KEY_DOWN or code in _SHIFTS:
@@ -69,7 +74,12 @@ class KeyDecoder:
             self._reject("input stopped before Enter")
         self._last = at
         if code in (KEY_ENTER, KEY_KPENTER):
+            if self._skipping:
+                self._skipping = False
+                return None
             return self._finish()
+        if self._skipping:
+            return None
         char = _DIGITS.get(code) or _LETTERS.get(code)
         if char is None:
             self._bad = True
@@ -94,7 +104,7 @@ class KeyDecoder:
             return None
 
     def _reject(self, why: str) -> None:
-        self._buffer, self._bad = [], False
+        self._buffer, self._bad, self._skipping = [], False, True
         self.on_garbage(why)
 
 

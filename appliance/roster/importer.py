@@ -104,7 +104,7 @@ def _header_key(text: object) -> str:
     return " ".join(fold(str(text or "")).replace("_", " ").replace("-", " ").split())
 
 
-def _read_csv(path: Path) -> list[list[str]]:
+def _read_csv(path: Path) -> list[list[str | int]]:
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = raw.decode("utf-16")
@@ -120,10 +120,10 @@ def _read_csv(path: Path) -> list[list[str]]:
         dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
-    return [row for row in csv.reader(io.StringIO(text), dialect) if any(cell.strip() for cell in row)]
+    return [list(row) for row in csv.reader(io.StringIO(text), dialect) if any(cell.strip() for cell in row)]
 
 
-def _read_xlsx(path: Path, sheet: str | None) -> list[list[str]]:
+def _read_xlsx(path: Path, sheet: str | None) -> list[list[str | int]]:
     from openpyxl import load_workbook
 
     try:
@@ -136,21 +136,37 @@ def _read_xlsx(path: Path, sheet: str | None) -> list[list[str]]:
         ws = book[sheet] if sheet else book.worksheets[0]
         rows = []
         for values in ws.iter_rows(values_only=True):
-            cells = ["" if v is None else _cell_text(v) for v in values]
-            if any(c.strip() for c in cells):
+            cells = ["" if v is None else _cell_value(v) for v in values]
+            if any(str(c).strip() for c in cells):
                 rows.append(cells)
         return rows
     finally:
         book.close()
 
 
-def _cell_text(value: object) -> str:
+def _cell_value(value: object) -> str | int:
+    """Whole numbers stay numbers, because Excel drops leading zeros that only the column can restore."""
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+        return int(value)
+    if isinstance(value, int):
+        return value
     return str(value)
 
 
-def read_table(path: Path, sheet: str | None = None) -> list[list[str]]:
+def _cell_text(fieldname: str, value: str | int) -> str:
+    """Text of a cell; a card typed as a number is a 10-digit decimal card number, a phone lost its 0."""
+    if isinstance(value, int):
+        if fieldname == "cards":
+            return f"{value:010d}"
+        if fieldname == "parent_phone" and len(str(value)) == 9:
+            return f"0{value}"
+        return str(value)
+    return value
+
+
+def read_table(path: Path, sheet: str | None = None) -> list[list[str | int]]:
     """Rows of the file as text (header first), blank rows dropped."""
     if not path.exists():
         raise RosterFileError(f"{path}: no such file")
@@ -164,7 +180,7 @@ def read_table(path: Path, sheet: str | None = None) -> list[list[str]]:
     raise RosterFileError(f"{path}: unknown file type {suffix!r}; use .csv or .xlsx")
 
 
-def map_columns(header: list[str], config: RosterConfig) -> dict[str, int]:
+def map_columns(header: list[str | int], config: RosterConfig) -> dict[str, int]:
     """Field name -> column index, from the config's explicit names first, then the aliases."""
     keys = [_header_key(h) for h in header]
     mapping: dict[str, int] = {}
@@ -177,7 +193,7 @@ def map_columns(header: list[str], config: RosterConfig) -> dict[str, int]:
         except ValueError:
             raise RosterFileError(
                 f"roster.columns.{'class' if fieldname == 'class_name' else fieldname} = {wanted!r}: "
-                f"no such column; the file has: {', '.join(h for h in header if h)}"
+                f"no such column; the file has: {', '.join(str(h) for h in header if h)}"
             ) from None
     for fieldname, aliases in FIELD_ALIASES.items():
         if fieldname in mapping:
@@ -262,18 +278,18 @@ def _parse_row(cells: dict[str, str], config: RosterConfig) -> tuple[Person | No
     return person, []
 
 
-def parse_roster(rows: list[list[str]], config: RosterConfig) -> ParsedRoster:
+def parse_roster(rows: list[list[str | int]], config: RosterConfig) -> ParsedRoster:
     """Check every row; duplicates of ids and cards are reported on each later row that repeats them."""
     if not rows:
         raise RosterFileError("the file is empty")
     header, body = rows[0], rows[1:]
     mapping = map_columns(header, config)
-    result = ParsedRoster(columns={f: header[i] for f, i in mapping.items()})
+    result = ParsedRoster(columns={f: str(header[i]) for f, i in mapping.items()})
     seen_ids: dict[str, int] = {}
     seen_cards: dict[str, tuple[int, str]] = {}
     for offset, row in enumerate(body):
         line = offset + 2
-        cells = {f: (row[i] if i < len(row) else "") for f, i in mapping.items()}
+        cells = {f: _cell_text(f, row[i]) if i < len(row) else "" for f, i in mapping.items()}
         person, problems = _parse_row(cells, config)
         pid = cells.get("id", "").strip() or None
         if pid and pid in seen_ids:
