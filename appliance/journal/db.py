@@ -141,18 +141,44 @@ def _old_journal_id(corrupt: Path) -> str | None:
 
 
 def _salvage(corrupt: Path, fresh: sqlite_utils.Database) -> int:
-    """Copy every event row still readable from a damaged journal, keeping seq and id."""
-    copied = 0
+    """Copy every event row still readable from a damaged journal, keeping seq and id.
+
+    Rows are fetched one at a time by seq, so a damaged page loses only the rows stored on it:
+    a plain scan stops at the first bad page and drops every readable row after it.
+    """
+    columns = "seq, id, ts, day, kind, person, card_uid, payload, synced_at"
+    old = sqlite3.connect(f"file:{corrupt}?mode=ro", uri=True)
+
+    def bound(sql: str) -> int | None:
+        try:
+            return old.execute(sql).fetchone()[0] or 0
+        except sqlite3.DatabaseError:
+            return None  # that end of the table is unreadable
+
+    first, last = bound("SELECT MIN(seq) FROM events"), bound("SELECT MAX(seq) FROM events")
+    copied = skipped = 0
+    seq = first or 1
     try:
-        old = sqlite3.connect(f"file:{corrupt}?mode=ro", uri=True)
-        rows = old.execute(
-            "SELECT seq, id, ts, day, kind, person, card_uid, payload, synced_at FROM events ORDER BY seq"
-        )
-        for row in rows:
-            fresh.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?)", list(row))
+        while last is None or seq <= last:
+            try:
+                row = old.execute(f"SELECT {columns} FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", [seq])
+                row = row.fetchone()
+            except sqlite3.DatabaseError as exc:
+                if last is None:  # no known end to skip towards: stop at the first damaged page
+                    log.error("journal salvage stopped at seq %d after %d events: %s", seq, copied, exc)
+                    break
+                skipped += 1
+                seq += 1
+                continue
+            if row is None:
+                break
+            fresh.execute(f"INSERT OR IGNORE INTO events({columns}) VALUES (?,?,?,?,?,?,?,?,?)", list(row))
             copied += 1
-    except sqlite3.DatabaseError as exc:
-        log.error("journal salvage stopped after %d events: %s", copied, exc)
+            seq = row[0] + 1
+    finally:
+        old.close()
+    if skipped:
+        log.error("journal salvage: %d seq numbers up to %s could not be read", skipped, last)
     return copied
 
 
@@ -184,15 +210,18 @@ def open_database(path: Path, *, writer: bool = False, readonly: bool = False) -
     lock_fd = _acquire_writer_lock(path) if writer else None
     salvaged_from: Path | None = None
     try:
+        conn: sqlite3.Connection | None = None
         try:
             conn = _connect(path, readonly=False)
             healthy = _healthy(conn)
         except sqlite3.DatabaseError:
+            # e.g. "file is not a database" from _connect itself when the header is destroyed
             healthy = False
         if not healthy:
             if not writer:
                 raise JournalError(f"{path}: the journal is damaged; start the daemon to salvage it")
-            conn.close()
+            if conn is not None:
+                conn.close()
             salvaged_from = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             path.rename(salvaged_from)
             for suffix in ("-wal", "-shm"):
