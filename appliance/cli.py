@@ -244,6 +244,8 @@ def status(config_path: Path, journal_path: Path | None, as_json: bool) -> None:
     path = journal_path or cfg.journal.path  # type: ignore[union-attr]
     min_free = cfg.journal.min_free_mb if cfg else 200
     daemon = read_status(status_path(path))
+    if daemon and daemon.get("running"):
+        min_free = daemon.get("disk", {}).get("min_free_mb", min_free)
     database = open_database(path, readonly=True)
     journal = stats_dict(database)
     database.close()
@@ -330,6 +332,25 @@ def bench_tap(taps: int, port: int) -> None:
     from appliance.bench.tap import run as run_tap
 
     run_tap(taps, port)
+
+
+@bench.command("idle")
+@click.option("--seconds", type=click.FloatRange(min=1), default=30, show_default=True, help="Idle time measured.")
+@click.option(
+    "--port",
+    type=click.IntRange(1024, 65000),
+    default=35973,
+    show_default=True,
+    help="Base TCP port for the private pcscd's virtual reader.",
+)
+def bench_idle(seconds: float, port: int) -> None:
+    """CPU use of an idle `edugate run` with two PC/SC lanes, beside a sleeping baseline (needs root, pcscd, vpcd)."""
+    from appliance.bench.idle import run as run_idle
+
+    try:
+        run_idle(seconds, port)
+    except RuntimeError as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

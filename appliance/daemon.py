@@ -106,8 +106,13 @@ class Gate:
                 if item is _STOP:
                     return
                 self.handle(item)
-            except Exception:
+            except Exception as exc:
                 log.exception("tap handling failed")
+                self.counters.errors += 1
+                self.last_error = f"tap handling failed: {exc}"
+                self._acknowledge(
+                    item, Ack(Outcome.ERROR, item.reader, self.clock.now().strftime("%H:%M"), detected=item.detected)
+                )
             finally:
                 self._queue.task_done()
 

@@ -7,7 +7,7 @@ wire format, the journal rows and the JSON Schema in ``schema/event.schema.json`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from functools import cache
 from importlib import resources
@@ -61,6 +61,10 @@ class EventDraft:
     reason: str | None = None
 
 
+# The draft's fields are all scalars: reading them directly avoids asdict()'s deep copies on the hot path.
+_DRAFT_FIELDS = tuple(f.name for f in fields(EventDraft))
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """A journalled event: a draft plus its identity on the device."""
@@ -80,7 +84,8 @@ class Event:
             "journal": self.journal,
             "seq": self.seq,
         }
-        for key, value in asdict(self.draft).items():
+        for key in _DRAFT_FIELDS:
+            value = getattr(self.draft, key)
             if value is not None or key == "person":
                 out[key] = str(value) if isinstance(value, StrEnum) else value
         return out

@@ -7,6 +7,7 @@ as "not running".
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -41,15 +42,46 @@ def disk_state(journal_path: Path, min_free_mb: int) -> DiskState:
 
 
 def write_status(path: Path, data: dict[str, Any]) -> None:
-    """Atomic replace, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status-")
+    """Atomic replace, so a reader never sees half a file.
+
+    On a full disk (the usual reason the journal fails) no new file can be written; the old
+    one is then overwritten in place, so ``edugate status`` still shows the daemon running
+    and the journal error instead of a stale file read as "not running".
+    """
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status-")
         with os.fdopen(fd, "w") as out:
-            json.dump(data, out, ensure_ascii=False, indent=1)
+            out.write(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if exc.errno != errno.ENOSPC or not _overwrite_in_place(path, text.encode()):
+            raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _overwrite_in_place(path: Path, data: bytes) -> bool:
+    """Rewrite ``path`` inside the blocks it already has, padded with spaces (valid JSON) to its old size."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if len(data) > max(info.st_size, info.st_blocks * 512):
+            return False
+        os.pwrite(fd, data.ljust(info.st_size, b" "), 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def read_status(path: Path) -> dict[str, Any] | None:

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,12 +24,31 @@ def write_config(path: Path, journal: Path, readers: list[dict[str, Any]], **sec
     """A gate.toml with whole-day windows (so tests do not depend on the hour) unless overridden."""
     whole_day = '["00:00", "23:59"]'
     lines = [
-        "[device]", 'id = "gate-test"', 'school = "test-school"', "",
-        "[journal]", f'path = "{journal}"', "min_free_mb = 1", "",
-        "[policy]", "debounce_seconds = 30", "",
-        "[policy.student]", f"arrival_window = {whole_day}", f"departure_window = {whole_day}", 'start = "23:59"', "",
-        "[policy.staff]", f"arrival_window = {whole_day}", f"departure_window = {whole_day}", 'start = "23:59"', "",
-        "[feedback]", 'outputs = ["console"]', "show_names = false", "",
+        "[device]",
+        'id = "gate-test"',
+        'school = "test-school"',
+        "",
+        "[journal]",
+        f'path = "{journal}"',
+        "min_free_mb = 1",
+        "",
+        "[policy]",
+        "debounce_seconds = 30",
+        "",
+        "[policy.student]",
+        f"arrival_window = {whole_day}",
+        f"departure_window = {whole_day}",
+        'start = "23:59"',
+        "",
+        "[policy.staff]",
+        f"arrival_window = {whole_day}",
+        f"departure_window = {whole_day}",
+        'start = "23:59"',
+        "",
+        "[feedback]",
+        'outputs = ["console"]',
+        "show_names = false",
+        "",
     ]
     for reader in readers:
         lines.append("[[readers]]")
@@ -73,11 +91,14 @@ class DaemonProcess:
         self.notify_path.unlink(missing_ok=True)
         self._notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify_sock.bind(str(self.notify_path))
-        env = {**self.env, "NOTIFY_SOCKET": str(self.notify_path), "WATCHDOG_USEC": "2000000",
-               "PYTHONUNBUFFERED": "1"}
+        env = {**self.env, "NOTIFY_SOCKET": str(self.notify_path), "WATCHDOG_USEC": "2000000", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "run", "--config", str(self.config)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
         )
         for stream, sink in ((self.proc.stdout, self.stdout_lines), (self.proc.stderr, self.stderr_lines)):
             thread = threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
@@ -109,8 +130,9 @@ class DaemonProcess:
                 return
             if self.proc is not None and self.proc.poll() is not None:
                 time.sleep(0.2)
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}:\n"
-                                     + "\n".join(self.stderr_lines[-20:]))
+                raise AssertionError(
+                    f"daemon exited ({self.proc.returncode}) waiting for {what}:\n" + "\n".join(self.stderr_lines[-20:])
+                )
             time.sleep(0.02)
         raise AssertionError(f"timed out waiting for {what}; stderr:\n" + "\n".join(self.stderr_lines[-20:]))
 

@@ -9,13 +9,27 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = [[], ["run"], ["demo"], ["config"], ["config", "check"], ["roster"], ["roster", "import"],
-            ["roster", "list"], ["events"], ["status"], ["bench"], ["bench", "tap"], ["bench", "journal"]]
+COMMANDS = [
+    [],
+    ["run"],
+    ["demo"],
+    ["config"],
+    ["config", "check"],
+    ["roster"],
+    ["roster", "import"],
+    ["roster", "list"],
+    ["events"],
+    ["status"],
+    ["bench"],
+    ["bench", "tap"],
+    ["bench", "journal"],
+]
 
 
 def edugate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], capture_output=True, text=True,
-                          input=stdin, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli", *args], capture_output=True, text=True, input=stdin, timeout=120
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "edugate")
@@ -42,11 +56,19 @@ def test_demo_runs_the_pipeline_and_summarises(tmp_path: Path) -> None:
     listed = edugate("events", "--journal", str(keep / "journal.db"), "--json")
     events = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [e["seq"] for e in events] == list(range(1, 8))
-    assert [e["kind"] for e in events] == ["arrival", "arrival", "arrival", "unknown_card", "rejected", "arrival",
-                                         "departure"]
+    assert [e["kind"] for e in events] == [
+        "arrival",
+        "arrival",
+        "arrival",
+        "unknown_card",
+        "rejected",
+        "arrival",
+        "departure",
+    ]
     assert all(e["synced_at"] is None for e in events)
-    assert edugate("events", "--journal", str(keep / "journal.db"), "--unsynced", "--limit", "2").stdout.count(
-        "\n") == 2
+    assert (
+        edugate("events", "--journal", str(keep / "journal.db"), "--unsynced", "--limit", "2").stdout.count("\n") == 2
+    )
     future = edugate("events", "--journal", str(keep / "journal.db"), "--since", "2999-01-01")
     assert future.returncode == 0 and future.stdout == ""
 
@@ -83,8 +105,11 @@ def test_logs_at_info_carry_no_names_or_card_numbers(tmp_path: Path) -> None:
     from daemon_harness import DaemonProcess, send_taps, write_config
 
     sock = Path(tmp_path / "t.sock")
-    config = write_config(tmp_path / "gate.toml", keep / "journal.db",
-                          [{"name": "lane", "type": "socket", "path": str(sock), "direction": "in"}])
+    config = write_config(
+        tmp_path / "gate.toml",
+        keep / "journal.db",
+        [{"name": "lane", "type": "socket", "path": str(sock), "direction": "in"}],
+    )
     daemon = DaemonProcess(config).start()
     try:
         send_taps(sock, ["0457A3B2C1D0E9", "CAFEBABE"])

@@ -22,8 +22,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("example", sorted((REPO / "config").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_examples_pass_the_check(example: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "appliance.cli", "config", "check", str(example)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "config", "check", str(example)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
 
@@ -102,8 +103,9 @@ def test_class_start_overrides_parsed() -> None:
 
 def test_config_check_cli_exit_code_and_one_line_error(tmp_path: Path) -> None:
     path = _write(tmp_path, "[journal]\nretention_days = 0\n")
-    result = subprocess.run([sys.executable, "-m", "appliance.cli", "config", "check", str(path)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "config", "check", str(path)], capture_output=True, text=True
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("edugate: error: ")
     assert "journal.retention_days" in result.stderr

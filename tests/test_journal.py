@@ -18,8 +18,14 @@ VN = ZoneInfo("Asia/Ho_Chi_Minh")
 
 
 def draft(ts: datetime, kind: Kind = Kind.ARRIVAL, person: str | None = "HS001") -> EventDraft:
-    return EventDraft(kind=kind, ts=ts.isoformat(timespec="milliseconds"), clock_ok=False, person=person,
-                      card_uid="04A1B2C3", reader="lane-in")
+    return EventDraft(
+        kind=kind,
+        ts=ts.isoformat(timespec="milliseconds"),
+        clock_ok=False,
+        person=person,
+        card_uid="04A1B2C3",
+        reader="lane-in",
+    )
 
 
 def test_wal_full_sync_and_schema_valid_events(tmp_path: Path) -> None:

@@ -27,18 +27,36 @@ def at(hhmm: str, day: int = 23) -> datetime:
 
 @pytest.fixture
 def policy() -> AttendancePolicy:
-    config = parse_config({"policy": {
-        "debounce_seconds": 30,
-        "student": {"arrival_window": ["06:00", "11:00"], "departure_window": ["11:00", "18:00"], "start": "07:15",
-                    "late_grace_minutes": 5},
-        "staff": {"arrival_window": ["05:00", "11:00"], "departure_window": ["11:00", "21:00"], "start": "07:00"},
-        "class_start": {"6B": "13:00"},
-    }})
+    config = parse_config(
+        {
+            "policy": {
+                "debounce_seconds": 30,
+                "student": {
+                    "arrival_window": ["06:00", "11:00"],
+                    "departure_window": ["11:00", "18:00"],
+                    "start": "07:15",
+                    "late_grace_minutes": 5,
+                },
+                "staff": {
+                    "arrival_window": ["05:00", "11:00"],
+                    "departure_window": ["11:00", "21:00"],
+                    "start": "07:00",
+                },
+                "class_start": {"6B": "13:00"},
+            }
+        }
+    )
     return AttendancePolicy(config.policy)
 
 
-def decide(policy: AttendancePolicy, person: Person | None, when: datetime, direction: Direction = Direction.AUTO,
-           uid: str | None = None, mono: float = 0.0):
+def decide(
+    policy: AttendancePolicy,
+    person: Person | None,
+    when: datetime,
+    direction: Direction = Direction.AUTO,
+    uid: str | None = None,
+    mono: float = 0.0,
+):
     uid = uid or (person.cards[0] if person else "FFFF0000")
     return policy.decide(uid, person, "lane", direction, when, True, detected=mono)
 

@@ -93,13 +93,15 @@ def test_xlsx_with_split_name_columns_and_configured_headers(tmp_path: Path) -> 
     parsed = load_roster_file(path, config)
     assert parsed.errors == []
     assert [(p.id, p.full_name, p.class_name) for p in parsed.people] == [
-        ("HS100", "Lê Hoàng Đức", "6B"), ("HS101", "Phạm Minh Châu", "7A")]
+        ("HS100", "Lê Hoàng Đức", "6B"),
+        ("HS101", "Phạm Minh Châu", "7A"),
+    ]
     assert parsed.people[0].cards == ("04A1B2C4",)
 
 
 def test_configured_column_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
     config = parse_config({"roster": {"columns": {"id": "Mã số"}}}).roster
-    with pytest.raises(RosterFileError, match="roster.columns.id = 'Mã số': no such column"):
+    with pytest.raises(RosterFileError, match=r"roster\.columns\.id = 'Mã số': no such column"):
         load_roster_file(_csv(tmp_path, GOOD_CSV), config)
 
 
@@ -110,9 +112,9 @@ def test_file_level_errors(tmp_path: Path) -> None:
         load_roster_file(legacy, RosterConfig())
     with pytest.raises(RosterFileError, match="no person id column"):
         load_roster_file(_csv(tmp_path, "name,class\nAn,6A\n"), RosterConfig())
-    with pytest.raises(RosterFileError, match="old .xls"):
+    with pytest.raises(RosterFileError, match=r"old \.xls"):
         load_roster_file(_csv(tmp_path, "x", name="r.xls"), RosterConfig())
-    with pytest.raises(RosterFileError, match="not a readable .xlsx"):
+    with pytest.raises(RosterFileError, match=r"not a readable \.xlsx"):
         load_roster_file(_csv(tmp_path, "not a zip", name="r.xlsx"), RosterConfig())
 
 
@@ -130,8 +132,9 @@ def test_replace_deactivates_missing_people_and_moves_cards(tmp_path: Path) -> N
     assert (report.added, report.version) == (3, 1)
     assert store.by_card("04A1B2C3D4E5F6").id == "HS001"
 
-    second = parse_roster([["id", "name", "class", "card"], ["HS002", "Trần Thị Bích Ngọc", "6A", "04A1B2C3D4E5F6"]],
-                          RosterConfig()).people
+    second = parse_roster(
+        [["id", "name", "class", "card"], ["HS002", "Trần Thị Bích Ngọc", "6A", "04A1B2C3D4E5F6"]], RosterConfig()
+    ).people
     report = store.apply(second, replace=True)
     assert sorted(report.deactivated) == ["GV001", "HS001"]
     assert report.cards_moved == [("04A1B2C3D4E5F6", "HS001", "HS002")]
@@ -146,8 +149,9 @@ def test_merge_refuses_a_card_held_by_someone_else_and_changes_nothing(tmp_path:
     database = open_database(tmp_path / "j.db")
     store = RosterStore(database)
     store.apply(load_roster_file(_csv(tmp_path, GOOD_CSV), RosterConfig()).people, replace=True)
-    thief = parse_roster([["id", "name", "class", "card"], ["HS999", "Người Mới", "6A", "9F8E7D6C"]],
-                         RosterConfig()).people
+    thief = parse_roster(
+        [["id", "name", "class", "card"], ["HS999", "Người Mới", "6A", "9F8E7D6C"]], RosterConfig()
+    ).people
     with pytest.raises(ValueError, match="9F8E7D6C already belongs to GV001"):
         store.apply(thief, replace=False)
     assert store.get("HS999") is None and store.by_card("9F8E7D6C").id == "GV001"

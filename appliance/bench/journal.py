@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from appliance.bench.stats import emit, machine_info, progress, summary
@@ -224,20 +225,18 @@ def profile_journal(path: Path, drafts: list[EventDraft], top: int = 8) -> list[
     finally:
         database.close()
     stats = pstats.Stats(profiler)
-    total = stats.total_tt or 1.0  # type: ignore[attr-defined]
-    rows = []
-    for (filename, line, name), (_cc, calls, tottime, _cum, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        where = f"{Path(filename).name}:{line}({name})" if line else name
-        rows.append(
-            {
-                "function": where,
-                "calls": calls,
-                "tottime_ms": round(tottime * 1000, 2),
-                "share": round(tottime / total, 3),
-            }
-        )
-    rows.sort(key=lambda r: -float(r["tottime_ms"]))  # type: ignore[arg-type]
-    return rows[:top]
+    table: dict[tuple[str, int, str], tuple[Any, ...]] = getattr(stats, "stats", {})
+    total = sum(entry[2] for entry in table.values()) or 1.0
+    ranked = sorted(table.items(), key=lambda item: -item[1][2])[:top]
+    return [
+        {
+            "function": f"{Path(filename).name}:{line}({name})" if line else name,
+            "calls": entry[1],
+            "tottime_ms": round(entry[2] * 1000, 2),
+            "share": round(entry[2] / total, 3),
+        }
+        for (filename, line, name), entry in ranked
+    ]
 
 
 def run(count: int, workdir: Path | None) -> None:

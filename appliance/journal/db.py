@@ -140,14 +140,20 @@ def _old_journal_id(corrupt: Path) -> str | None:
     return row[0] if row else None
 
 
-def _salvage(corrupt: Path, fresh: sqlite_utils.Database) -> int:
+def _salvage(corrupt: Path, fresh: sqlite_utils.Database) -> tuple[int, bool]:
     """Copy every event row still readable from a damaged journal, keeping seq and id.
 
     Rows are fetched one at a time by seq, so a damaged page loses only the rows stored on it:
     a plain scan stops at the first bad page and drops every readable row after it.
+    Returns (rows copied, whether the highest seq ever issued was among them): only then can
+    the old journal id be kept without new events reusing a seq the hub may already have.
     """
     columns = "seq, id, ts, day, kind, person, card_uid, payload, synced_at"
-    old = sqlite3.connect(f"file:{corrupt}?mode=ro", uri=True)
+    try:
+        old = sqlite3.connect(f"file:{corrupt}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        log.error("journal salvage: cannot open %s: %s", corrupt, exc)
+        return 0, False
 
     def bound(sql: str) -> int | None:
         try:
@@ -157,12 +163,13 @@ def _salvage(corrupt: Path, fresh: sqlite_utils.Database) -> int:
 
     first, last = bound("SELECT MIN(seq) FROM events"), bound("SELECT MAX(seq) FROM events")
     copied = skipped = 0
+    top_copied = False
     seq = first or 1
     try:
         while last is None or seq <= last:
             try:
-                row = old.execute(f"SELECT {columns} FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", [seq])
-                row = row.fetchone()
+                cursor = old.execute(f"SELECT {columns} FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", [seq])
+                row = cursor.fetchone()
             except sqlite3.DatabaseError as exc:
                 if last is None:  # no known end to skip towards: stop at the first damaged page
                     log.error("journal salvage stopped at seq %d after %d events: %s", seq, copied, exc)
@@ -174,12 +181,13 @@ def _salvage(corrupt: Path, fresh: sqlite_utils.Database) -> int:
                 break
             fresh.execute(f"INSERT OR IGNORE INTO events({columns}) VALUES (?,?,?,?,?,?,?,?,?)", list(row))
             copied += 1
+            top_copied = row[0] == last
             seq = row[0] + 1
     finally:
         old.close()
     if skipped:
         log.error("journal salvage: %d seq numbers up to %s could not be read", skipped, last)
-    return copied
+    return copied, top_copied or last == 0
 
 
 def open_database(path: Path, *, writer: bool = False, readonly: bool = False) -> Database:
@@ -232,16 +240,19 @@ def open_database(path: Path, *, writer: bool = False, readonly: bool = False) -
         db = sqlite_utils.Database(conn)
         _create_schema(db)
         _meta(db, "schema_version", str(SCHEMA_VERSION))
-        old_id = _old_journal_id(salvaged_from) if salvaged_from is not None else None
-        journal_id = _meta(db, "journal_id", old_id or uuid.uuid4().hex)
+        old_id = None
         if salvaged_from is not None:
-            copied = _salvage(salvaged_from, db)
+            copied, complete = _salvage(salvaged_from, db)
+            old_id = _old_journal_id(salvaged_from) if complete else None
             log.error(
-                "journal %s was damaged: moved to %s, %d events recovered into a new journal",
+                "journal %s was damaged: moved to %s, %d events recovered into a new journal (%s)",
                 path,
                 salvaged_from,
                 copied,
+                "same journal id, seq continues" if old_id else "new journal id: the last seq could not be read",
             )
+        journal_id = _meta(db, "journal_id", old_id or uuid.uuid4().hex)
+        if salvaged_from is not None:
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('salvaged_from', ?)", [str(salvaged_from)])
     except sqlite3.OperationalError as exc:
         if lock_fd is not None:

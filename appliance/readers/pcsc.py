@@ -73,11 +73,14 @@ class PcscReaders:
 
     def stop(self) -> None:
         self._stop.set()
-        with self._context_lock:
-            if self._context is not None:
-                scard.SCardCancel(self._context)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        # SCardCancel only interrupts a call that is already blocked: a cancel sent while the thread is
+        # between its stop check and SCardGetStatusChange is lost, so repeat it until the thread ends.
+        deadline = time.monotonic() + 5
+        while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
+            with self._context_lock:
+                if self._context is not None:
+                    scard.SCardCancel(self._context)
+            self._thread.join(timeout=0.05)
 
     def health(self) -> list[ReaderHealth]:
         return self.board.snapshot()
