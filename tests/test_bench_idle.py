@@ -10,34 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import free_port_pair
 
 from appliance.readers.virtual import PrivatePcscd
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def unused_port_pair() -> int:
-    """A base port whose successor is free too (vpcd listens on both); the session pcscd's ports are taken."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            base = first.getsockname()[1]
-        if base >= 65000:
-            continue
-        with socket.socket() as second:
-            try:
-                second.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError("no free port pair")
 
 
 def bench_dirs() -> set[Path]:
@@ -52,7 +35,7 @@ def test_idle_daemon_uses_little_cpu() -> None:
     env = {k: v for k, v in os.environ.items() if k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC"}}
     before = bench_dirs()
     result = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "bench", "idle", "--seconds", "5", "--port", str(unused_port_pair())],
+        [sys.executable, "-m", "appliance.cli", "bench", "idle", "--seconds", "5", "--port", str(free_port_pair())],
         capture_output=True,
         text=True,
         cwd=REPO,
