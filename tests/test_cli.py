@@ -120,3 +120,27 @@ def test_logs_at_info_carry_no_names_or_card_numbers(tmp_path: Path) -> None:
     assert "recorded as seq" in logs
     for secret in ("0457A3B2C1D0E9", "CAFEBABE", "Võ Thị", "HS005"):
         assert secret not in logs
+
+
+def test_low_disk_is_loud_in_logs_and_status(tmp_path: Path) -> None:
+    """Below journal.min_free_mb the daemon keeps recording but warns, and status exits 1 saying why."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from daemon_harness import DaemonProcess, send_taps, write_config
+
+    sock = tmp_path / "t.sock"
+    journal = tmp_path / "journal.db"
+    config = write_config(
+        tmp_path / "gate.toml", journal, [{"name": "lane", "type": "socket", "path": str(sock), "direction": "in"}]
+    )
+    config.write_text(config.read_text().replace("min_free_mb = 1", "min_free_mb = 100000000"))
+    daemon = DaemonProcess(config).start()
+    try:
+        send_taps(sock, ["CAFEBABE"])
+        daemon.wait_for(lambda: len(daemon.stdout_lines) >= 1, what="ack")
+        daemon.wait_for(lambda: any("DISK NEARLY FULL" in line for line in daemon.stderr_lines), what="warning")
+        status = edugate("status", "--journal", str(journal))
+        assert status.returncode == 1
+        assert "disk nearly full" in status.stdout and "limit 100000000 MB" in status.stdout
+        assert "1 events" in status.stdout
+    finally:
+        daemon.stop()
