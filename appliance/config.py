@@ -183,6 +183,18 @@ class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class VisionConfig(_Section):
+    """Face models and how onnxruntime runs them (the models themselves: ``edugate models install``)."""
+
+    models_dir: Path = Field(Path("/var/lib/edugate/models"), description="where `edugate models install` put them")
+    intra_op_threads: int = Field(2, ge=1, le=16, description="onnxruntime threads per model call")
+    providers: list[Literal["cpu", "cuda", "tensorrt"]] = Field(
+        default_factory=lambda: ["cpu"],
+        min_length=1,
+        description="execution providers in order of preference; missing ones fall back to cpu with a warning",
+    )
+
+
 class GateConfig(_Section):
     """The whole ``gate.toml``."""
 
@@ -194,6 +206,7 @@ class GateConfig(_Section):
     clock: ClockConfig = Field(default_factory=ClockConfig)
     roster: RosterConfig = Field(default_factory=RosterConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    vision: VisionConfig = Field(default_factory=VisionConfig)
 
     @model_validator(mode="after")
     def _unique_reader_names(self) -> GateConfig:

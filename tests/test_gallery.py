@@ -1,0 +1,95 @@
+"""Gallery decisions and sealed templates: strangers stay unknown, templates are unreadable without the key."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.journal import open_database
+from appliance.journal.sealing import Sealer, SealingError, load_or_create_key
+from appliance.journal.template_store import TemplateStore
+from appliance.vision.gallery import Gallery, normalise
+
+RNG = np.random.default_rng(7)
+
+
+def unit(n: int = 1, dim: int = 128) -> np.ndarray:
+    return normalise(RNG.standard_normal((n, dim)))
+
+
+def near(vector: np.ndarray, noise: float) -> np.ndarray:
+    return normalise(vector + noise * RNG.standard_normal(vector.shape))
+
+
+def test_identifies_enrolled_person_and_rejects_stranger() -> None:
+    gallery = Gallery(threshold=0.5, margin=0.05)
+    people = {f"P{i}": unit() for i in range(50)}
+    for person, vector in people.items():
+        gallery.add(person, np.vstack([near(vector, 0.05), near(vector, 0.05)]))
+    result = gallery.match(near(people["P7"], 0.05))
+    assert result.accepted and result.person == "P7" and result.score > 0.6
+    assert result.runner_up != "P7" and result.runner_up_score < result.score
+    stranger = gallery.match(unit())
+    assert not stranger.accepted and stranger.score < 0.5
+
+
+def test_margin_keeps_look_alikes_unknown() -> None:
+    base = unit()
+    gallery = Gallery(threshold=0.5, margin=0.1)
+    gallery.add("twin-a", near(base, 0.02))
+    gallery.add("twin-b", near(base, 0.02))
+    result = gallery.match(near(base, 0.02))
+    assert result.score > 0.9 and not result.accepted  # confidently like both: not identified
+
+
+def test_verify_and_remove() -> None:
+    gallery = Gallery(threshold=0.5, margin=0.05)
+    vector = unit()
+    gallery.add("A", vector)
+    assert gallery.verify("A", vector) == pytest.approx(1.0, abs=1e-5)
+    assert gallery.verify("B", vector) is None
+    assert gallery.remove("A") and len(gallery) == 0
+    assert not gallery.match(vector).accepted
+
+
+def test_wrong_dimension_refused() -> None:
+    with pytest.raises(ValueError, match="512 values"):
+        Gallery(0.5, 0.05).add("A", unit(dim=512))
+
+
+def test_key_created_private_and_unsafe_key_refused(tmp_path: Path) -> None:
+    key_path = tmp_path / "keys" / "templates.key"
+    key = load_or_create_key(key_path)
+    assert len(key) == 32 and stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert load_or_create_key(key_path) == key
+    os.chmod(key_path, 0o644)
+    with pytest.raises(SealingError, match="chmod 600"):
+        load_or_create_key(key_path)
+
+
+def test_templates_sealed_at_rest_and_bound_to_person(tmp_path: Path) -> None:
+    database = open_database(tmp_path / "j.db", writer=True)
+    store = TemplateStore(database, Sealer.from_file(tmp_path / "t.key"))
+    vectors = unit(3)
+    assert store.add("HS001", "sface", vectors) == 3
+    store.add("GV001", "sface", unit(1))
+    store.add("HS001", "other-model", unit(1))
+    loaded = store.load("sface")
+    assert set(loaded) == {"HS001", "GV001"}
+    np.testing.assert_array_equal(loaded["HS001"], vectors)
+    assert store.counts("sface") == (2, 4)
+
+    raw = (tmp_path / "j.db").read_bytes() + Path(f"{tmp_path / 'j.db'}-wal").read_bytes()
+    assert vectors[0].tobytes()[:16] not in raw  # nothing in clear on disk
+
+    database.conn.execute("UPDATE templates SET person_id = 'GV001' WHERE person_id = 'HS001' AND model = 'sface'")
+    with pytest.raises(SealingError, match="tampered"):
+        store.load("sface")
+    other = TemplateStore(database, Sealer(bytes(32)))
+    with pytest.raises(SealingError, match="wrong key"):
+        other.load("other-model")
+    assert store.remove("GV001") == 4
