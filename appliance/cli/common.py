@@ -1,0 +1,69 @@
+"""Shared pieces of the edugate command: error handling, common options, logging setup."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from appliance.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from appliance.journal import JournalError
+from appliance.roster.importer import RosterFileError
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_FAILED, EXIT_NOT_RUNNING = 1, 3
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> None:
+    click.echo(f"edugate: error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(func: F) -> F:
+    """Known errors become one or two lines on stderr and exit 1; ``--debug`` shows the traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, JournalError, RosterFileError) as exc:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            fail(str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    envvar="EDUGATE_CONFIG",
+    help="gate.toml to use (or set EDUGATE_CONFIG).",
+)
+journal_option = click.option(
+    "--journal",
+    "journal_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Journal database to read instead of the one in the config.",
+)
+
+
+def journal_path_of(config_path: Path, journal_path: Path | None) -> Path:
+    return journal_path if journal_path is not None else load_config(config_path).journal.path
+
+
+def setup_logging(level: str, debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else getattr(logging, level),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

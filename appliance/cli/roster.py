@@ -1,0 +1,80 @@
+"""`edugate roster ...`: import and list people and cards."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from appliance.cli.common import EXIT_FAILED, config_option, fail, friendly_errors, journal_option, journal_path_of
+from appliance.config import GateConfig, load_config
+from appliance.journal import open_database
+
+
+@click.group()
+def roster() -> None:
+    """Import and look at the roster (students and staff)."""
+
+
+@roster.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@config_option
+@journal_option
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="Add/update only the people in FILE (default: FILE is the whole roster, "
+    "people missing from it are deactivated).",
+)
+@click.option("--dry-run", is_flag=True, help="Check the file and report, change nothing.")
+@friendly_errors
+def roster_import(file: Path, config_path: Path, journal_path: Path | None, merge: bool, dry_run: bool) -> None:
+    """Import people and cards from a CSV or XLSX export (all-or-nothing)."""
+    from appliance.journal.roster_store import RosterStore
+    from appliance.roster.importer import load_roster_file
+
+    cfg = load_config(config_path) if journal_path is None or config_path.exists() else GateConfig()
+    parsed = load_roster_file(file, cfg.roster)
+    click.echo("columns: " + ", ".join(f"{k}={v!r}" for k, v in parsed.columns.items()))
+    if parsed.errors:
+        rows = len({e.row for e in parsed.errors})
+        click.echo(f"{file}: rejected, nothing imported: {rows} row(s) with problems:", err=True)
+        for error in parsed.errors:
+            click.echo(f"  {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    if dry_run:
+        click.echo(f"{file}: {len(parsed.people)} people OK (dry run, nothing written)")
+        return
+    database = open_database(journal_path or cfg.journal.path)
+    try:
+        report = RosterStore(database).apply(parsed.people, replace=not merge)
+    except ValueError as exc:
+        fail(f"{file}: rejected, nothing imported: {exc}")
+    finally:
+        database.close()
+    click.echo(
+        f"{file}: imported {len(parsed.people)} people: {report.added} added, {report.updated} updated, "
+        f"{report.unchanged} unchanged, {len(report.deactivated)} deactivated; roster version {report.version}"
+    )
+    for uid, old, new in report.cards_moved:
+        click.echo(f"  card {uid} moved from {old} to {new}")
+
+
+@roster.command("list")
+@config_option
+@journal_option
+@click.option("--search", default=None, help="Part of a name, with or without diacritics.")
+@friendly_errors
+def roster_list(config_path: Path, journal_path: Path | None, search: str | None) -> None:
+    """List people on the roster."""
+    from appliance.journal.roster_store import RosterStore
+
+    database = open_database(journal_path_of(config_path, journal_path), readonly=True)
+    store = RosterStore(database)
+    for person in store.search(search) if search else store.all():
+        flag = "" if person.active else "  (inactive)"
+        click.echo(
+            f"{person.id}\t{person.role.value}\t{person.class_name or '-'}\t{person.full_name}\t"
+            f"{len(person.cards)} card(s){flag}"
+        )
