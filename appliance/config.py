@@ -184,7 +184,25 @@ class LoggingConfig(_Section):
 
 
 class VisionConfig(_Section):
-    """Face models and how onnxruntime runs them (the models themselves: ``edugate models install``)."""
+    """Face recognition: models, decision thresholds, quality gate, template storage.
+
+    ``match_threshold`` is the cosine similarity a face needs to be identified; calibrate it per
+    model with ``edugate bench accuracy`` (the threshold at FAR 1e-3 on your data); the default
+    sits between the worst genuine pair (0.56) and the best impostor pair (0.28) of SFace on the
+    test photos, above OpenCV's published 0.363 because a gate compares against everyone (1:N).
+    """
+
+    enabled: bool = Field(False, description="load the models and use the camera at the gate")
+    match_threshold: float = Field(0.42, ge=-1, le=1)
+    match_margin: float = Field(0.05, ge=0, le=2, description="best person must beat the runner-up by this much")
+    detect_score: float = Field(0.8, gt=0, lt=1)
+    detect_max_side: int = Field(640, ge=160, le=4096, description="frames are shrunk to this before detection")
+    min_face_px: int = Field(48, ge=16, le=1024)
+    min_sharpness: float = Field(30.0, ge=0)
+    max_yaw: float = Field(0.35, gt=0, le=1, description="nose offset from the eyes' midline, in eye distances")
+    key_file: Path = Field(Path("/var/lib/edugate/templates.key"), description="template encryption key (0600)")
+    keep_photos: bool = Field(False, description="keep enrollment photos (off: only templates are kept)")
+    photos_dir: Path = Path("/var/lib/edugate/photos")
 
     models_dir: Path = Field(Path("/var/lib/edugate/models"), description="where `edugate models install` put them")
     intra_op_threads: int = Field(2, ge=1, le=16, description="onnxruntime threads per model call")

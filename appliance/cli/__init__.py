@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from appliance import __version__
-from appliance.cli import bench, gate, models, roster
+from appliance.cli import bench, enroll, gate, models, roster
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,5 +19,15 @@ def main(debug: bool) -> None:
     """edugate: school-gate attendance appliance (card check-in, faces, offline journal)."""
 
 
-for command in (gate.run, gate.demo, gate.config, gate.events, gate.status, roster.roster, bench.bench, models.models):
+for command in (
+    gate.run,
+    gate.demo,
+    gate.config,
+    gate.events,
+    gate.status,
+    roster.roster,
+    enroll.enroll,
+    bench.bench,
+    models.models,
+):
     main.add_command(command)

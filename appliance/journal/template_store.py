@@ -33,11 +33,25 @@ class TemplateStore:
             self.conn.executemany(
                 "INSERT INTO templates(person_id, model, sealed, created_at) VALUES (?, ?, ?, ?)", sealed
             )
+            self._bump()
         return len(sealed)
 
     def remove(self, person_id: str) -> int:
         with self.conn:
-            return self.conn.execute("DELETE FROM templates WHERE person_id = ?", [person_id]).rowcount
+            removed = self.conn.execute("DELETE FROM templates WHERE person_id = ?", [person_id]).rowcount
+            self._bump()
+        return removed
+
+    def _bump(self) -> None:
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('templates_version', '1') "
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    def version(self) -> int:
+        """Grows with every change, so a running daemon knows when to reload its gallery."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'templates_version'").fetchone()
+        return int(row[0]) if row else 0
 
     def load(self, model: str) -> dict[str, np.ndarray]:
         """person -> (k, dim) templates of this model, decrypted."""
