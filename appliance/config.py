@@ -203,6 +203,12 @@ class VisionConfig(_Section):
     key_file: Path = Field(Path("/var/lib/edugate/templates.key"), description="template encryption key (0600)")
     keep_photos: bool = Field(False, description="keep enrollment photos (off: only templates are kept)")
     photos_dir: Path = Path("/var/lib/edugate/photos")
+    camera: str = Field("/dev/video0", description="V4L2 device, video file, rtsp:// or http:// URL, or picamera2")
+    camera_direction: Direction = Field(Direction.AUTO, description="lane direction of staff face clock-in")
+    card_face: Literal["warn", "refuse"] = Field(
+        "warn", description="a card tapped with someone else's face: record it and warn, or refuse the check-in"
+    )
+    unknown_face_events: bool = Field(True, description="journal an unknown_face event per pass of a stranger")
 
     models_dir: Path = Field(Path("/var/lib/edugate/models"), description="where `edugate models install` put them")
     intra_op_threads: int = Field(2, ge=1, le=16, description="onnxruntime threads per model call")

@@ -13,13 +13,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
 from appliance.clock import Clock
 from appliance.config import GateConfig
-from appliance.events import Kind
+from appliance.events import Event, EventDraft, Kind, Method
 from appliance.feedback import Ack, Feedback, Outcome, build_feedback
 from appliance.journal import EventJournal, open_database
 from appliance.journal.db import Database
@@ -28,13 +28,19 @@ from appliance.journal.roster_store import RosterStore
 from appliance.policy import AttendancePolicy
 from appliance.readers.base import CardReader, ReaderHealth, Tap
 from appliance.readers.factory import build_readers
+from appliance.roster.model import Role
 from appliance.sdnotify import Notifier
 from appliance.status import STATUS_INTERVAL, disk_state, health_dicts, status_path, write_status
+from appliance.vision.decisions import FaceDecision, Verdict
+
+if TYPE_CHECKING:
+    from appliance.face_gate import FaceGate
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
 PRUNE_INTERVAL = 3600.0
+FACE_READER = "camera"
 DISK_WARN_INTERVAL = 600.0
 
 
@@ -70,7 +76,8 @@ class Gate:
         self.policy.remember(self.journal.day_rows(now.date().isoformat()), now)
         self.counters = Counters()
         self.last_error: str | None = None
-        self.listeners: list[Callable[[Tap, Ack], None]] = []
+        self.listeners: list[Callable[[Tap | FaceDecision, Ack], None]] = []
+        self.faces: FaceGate | None = None
         self._queue: queue.Queue[Any] = queue.Queue()
         self._worker: threading.Thread | None = None
 
@@ -83,10 +90,14 @@ class Gate:
         self._worker.start()
         for reader in self.readers:
             reader.start(self.submit)
+        if self.faces is not None:
+            self.faces.start()
 
     def stop(self) -> None:
         for reader in self.readers:
             reader.stop()
+        if self.faces is not None:
+            self.faces.stop()
         self._queue.put(_STOP)
         if self._worker is not None:
             self._worker.join(timeout=10)
@@ -110,22 +121,26 @@ class Gate:
                 log.exception("tap handling failed")
                 self.counters.errors += 1
                 self.last_error = f"tap handling failed: {exc}"
-                self._acknowledge(
-                    item, Ack(Outcome.ERROR, item.reader, self.clock.now().strftime("%H:%M"), detected=item.detected)
-                )
+                reader = item.reader if isinstance(item, Tap) else FACE_READER
+                detected = item.detected if isinstance(item, Tap) else None
+                now = self.clock.now().strftime("%H:%M")
+                self._acknowledge(item, Ack(Outcome.ERROR, reader, now, detected=detected))
             finally:
                 self._queue.task_done()
 
-    def handle(self, tap: Tap) -> Ack:
+    def handle(self, item: Tap | FaceDecision) -> Ack | None:
         """Decide, commit, then acknowledge: the student hears OK only for a committed event."""
+        if isinstance(item, FaceDecision):
+            return self._handle_face(item)
+        tap = item
         self.counters.taps += 1
         now = self.clock.now()
-        time_text = now.strftime("%H:%M")
         person = self.roster.by_card(tap.uid)
         decision = self.policy.decide(
             tap.uid, person, tap.reader, tap.direction, now, self.clock.synced(), tap.detected
         )
         name = person.full_name if person else None
+        base = Ack(Outcome.OK, tap.reader, now.strftime("%H:%M"), name=name, card_uid=tap.uid, detected=tap.detected)
         if decision.draft is None:
             self.counters.repeats += 1
             outcome = (
@@ -133,53 +148,111 @@ class Gate:
                 if person is None
                 else (Outcome.REJECTED if decision.repeat_of is Kind.REJECTED else Outcome.REPEAT)
             )
-            ack = Ack(outcome, tap.reader, time_text, decision.repeat_of, name, card_uid=tap.uid, detected=tap.detected)
+            ack = replace(base, outcome=outcome, kind=decision.repeat_of)
             log.info("tap on %s: repeat within debounce, no new event", tap.reader)
-        else:
-            try:
-                event = self.journal.append(decision.draft)
-            except JournalWriteError as exc:
-                self.counters.errors += 1
-                self.last_error = str(exc)
-                log.error("tap on %s NOT recorded: %s", tap.reader, exc)
-                self.policy.forget(tap.uid, decision.draft)
-                ack = Ack(
-                    Outcome.ERROR,
-                    tap.reader,
-                    time_text,
-                    decision.draft.kind,
-                    name,
-                    card_uid=tap.uid,
-                    detected=tap.detected,
-                )
-                self._acknowledge(tap, ack)
-                return ack
-            self.last_error = None
-            self.counters.events += 1
-            kind = event.kind
-            self.counters.by_kind[kind.value] = self.counters.by_kind.get(kind.value, 0) + 1
-            outcome = {Kind.UNKNOWN_CARD: Outcome.UNKNOWN, Kind.REJECTED: Outcome.REJECTED}.get(kind, Outcome.OK)
-            ack = Ack(
-                outcome,
-                tap.reader,
-                time_text,
-                kind,
-                name,
-                decision.draft.minutes_late or 0,
-                event.seq,
-                event.id,
-                tap.uid,
-                tap.detected,
+            self._acknowledge(tap, ack)
+            return ack
+        drafts, refused = self._with_face_check(decision.draft)
+        if refused:
+            self.policy.forget(tap.uid, decision.draft)
+        return self._commit(tap, base, drafts, refused, forget=lambda d: self.policy.forget(tap.uid, d))
+
+    def _with_face_check(self, draft: EventDraft) -> tuple[list[EventDraft], bool]:
+        """Card + face: verify 1:1 that the face at the camera is the cardholder's (when faces are on)."""
+        if self.faces is None or draft.person is None or draft.kind in (Kind.REJECTED, Kind.UNKNOWN_CARD):
+            return [draft], False
+        check = self.faces.verify(draft.person)
+        if check.verdict is Verdict.MATCH:
+            return [replace(draft, method=Method.CARD_FACE, face_score=check.score)], False
+        if check.verdict is not Verdict.MISMATCH:
+            return [draft], False
+        mismatch = replace(draft, kind=Kind.CARD_FACE_MISMATCH, face_score=check.score, late=None, minutes_late=None)
+        log.warning("tap on %s: the face does not match the cardholder (score %.2f)", draft.reader, check.score)
+        if self.config.vision.card_face == "refuse":
+            return [mismatch], True
+        return [replace(draft, face_score=check.score), mismatch], False
+
+    def _handle_face(self, decision: FaceDecision) -> Ack | None:
+        now = self.clock.now()
+        direction = self.config.vision.camera_direction
+        if not decision.accepted:
+            if not self.config.vision.unknown_face_events:
+                return None
+            draft = EventDraft(
+                kind=Kind.UNKNOWN_FACE,
+                ts=now.isoformat(timespec="milliseconds"),
+                clock_ok=self.clock.synced(),
+                method=Method.FACE,
+                reader=FACE_READER,
+                direction=direction,
+                face_score=round(decision.score, 4),
             )
-            log.info("tap on %s: %s recorded as seq %d", tap.reader, kind.value, event.seq)
-            log.debug("seq %d: person=%s card=%s", event.seq, event.person, tap.uid)
-        self._acknowledge(tap, ack)
+            self._append(draft)
+            return None
+        person = self.roster.get(decision.person) if decision.person else None
+        if person is None or person.role is not Role.STAFF:
+            return None  # students check in with their card; their face only verifies it
+        result = self.policy.decide_face(person, direction, now, self.clock.synced(), decision.score, FACE_READER)
+        base = Ack(Outcome.OK, FACE_READER, now.strftime("%H:%M"), name=person.full_name)
+        if result.draft is None:
+            return None  # the same staff member still in front of the camera: nothing to say again
+        return self._commit(decision, base, [result.draft], False, forget=lambda _d: None)
+
+    def _append(self, draft: EventDraft) -> Event | None:
+        try:
+            event = self.journal.append(draft)
+        except JournalWriteError as exc:
+            self.counters.errors += 1
+            self.last_error = str(exc)
+            log.error("%s on %s NOT recorded: %s", draft.kind.value, draft.reader, exc)
+            return None
+        self.last_error = None
+        self.counters.events += 1
+        self.counters.by_kind[event.kind.value] = self.counters.by_kind.get(event.kind.value, 0) + 1
+        log.info("%s on %s: %s recorded as seq %d", event.draft.method.value, draft.reader, event.kind.value, event.seq)
+        log.debug("seq %d: person=%s card=%s", event.seq, event.person, draft.card_uid)
+        return event
+
+    def _commit(
+        self,
+        item: Tap | FaceDecision,
+        base: Ack,
+        drafts: list[EventDraft],
+        refused: bool,
+        forget: Callable[[EventDraft], None],
+    ) -> Ack:
+        """Journal the drafts in order; acknowledge by the first one (the check-in itself)."""
+        first: Event | None = None
+        for draft in drafts:
+            event = self._append(draft)
+            if event is None:
+                forget(draft)
+                ack = replace(base, outcome=Outcome.ERROR, kind=draft.kind)
+                self._acknowledge(item, ack)
+                return ack
+            first = first or event
+        assert first is not None
+        kind = first.kind
+        outcome = {
+            Kind.UNKNOWN_CARD: Outcome.UNKNOWN,
+            Kind.REJECTED: Outcome.REJECTED,
+            Kind.CARD_FACE_MISMATCH: Outcome.REJECTED,
+        }.get(kind, Outcome.OK)
+        ack = replace(
+            base,
+            outcome=outcome,
+            kind=kind,
+            minutes_late=first.draft.minutes_late or 0,
+            seq=first.seq,
+            event_id=first.id,
+        )
+        self._acknowledge(item, ack)
         return ack
 
-    def _acknowledge(self, tap: Tap, ack: Ack) -> None:
+    def _acknowledge(self, item: Tap | FaceDecision, ack: Ack) -> None:
         self.feedback.show(ack)
         for listener in self.listeners:
-            listener(tap, ack)
+            listener(item, ack)
 
     def reader_health(self) -> list[ReaderHealth]:
         return [h for reader in self.readers for h in reader.health()]
@@ -194,12 +267,28 @@ class Daemon:
         self.clock = Clock(config.zone, config.clock.assume_synced)
         feedback = build_feedback(config.feedback, config.device.language)
         self.gate = Gate(config, self.database, feedback, self.clock, build_readers(config.readers))
+        self.vision_error: str | None = None
+        if config.vision.enabled:
+            self._attach_faces()
         self.notifier = Notifier()
         self.status_file = status_path(config.journal.path)
         self.started = time.time()
         self._stop = threading.Event()
         self._last_prune = 0.0
         self._last_disk_warning = 0.0
+
+    def _attach_faces(self) -> None:
+        """Models, gallery and camera; any failure leaves a card-only gate and says so in status."""
+        try:
+            from appliance.face_gate import FaceGate
+            from appliance.vision.camera import Camera, CameraSettings
+
+            readonly = open_database(self.config.journal.path, readonly=True)
+            camera = Camera(CameraSettings(source=self.config.vision.camera))
+            self.gate.faces = FaceGate.from_config(self.config.vision, readonly, camera, self.gate.submit)
+        except Exception as exc:
+            self.vision_error = f"face recognition unavailable, cards only: {exc}"
+            log.error("%s", self.vision_error)
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
@@ -284,6 +373,7 @@ class Daemon:
                     "last_error": self.gate.last_error,
                     "salvaged_from": str(self.database.salvaged_from or "") or None,
                 },
+                "vision": self._vision_status(),
                 "counters": {
                     "taps": counters.taps,
                     "events": counters.events,
@@ -292,6 +382,11 @@ class Daemon:
                 },
             },
         )
+
+    def _vision_status(self) -> dict[str, Any] | None:
+        if self.vision_error:
+            return {"state": "error", "detail": self.vision_error}
+        return self.gate.faces.health() if self.gate.faces is not None else None
 
 
 def stats_dict(database: Database) -> dict[str, Any]:

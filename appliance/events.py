@@ -24,6 +24,8 @@ class Kind(StrEnum):
     TAP = "tap"
     UNKNOWN_CARD = "unknown_card"
     REJECTED = "rejected"
+    CARD_FACE_MISMATCH = "card_face_mismatch"
+    UNKNOWN_FACE = "unknown_face"
 
 
 class Method(StrEnum):

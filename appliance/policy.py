@@ -142,3 +142,32 @@ class AttendancePolicy:
         self._last_seen.pop((uid, (draft.direction or Direction.AUTO).value), None)
         if draft.person is not None:
             self._done.discard((draft.person, draft.kind))
+
+    def decide_face(
+        self, person: Person, direction: Direction, now: datetime, clock_ok: bool, score: float, reader: str
+    ) -> Decision:
+        """Face-only clock-in (staff): the same windows and memory as a card, keyed by the person."""
+        self._roll_day(now.date().isoformat())
+        key = (f"face:{person.id}", direction.value)
+        mono = time.monotonic()
+        last = self._last_seen.get(key)
+        if last is not None and 0 <= mono - last[0] < self.config.debounce_seconds:
+            return Decision(None, person, repeat_of=last[1])
+        common = {
+            "ts": now.isoformat(timespec="milliseconds"),
+            "clock_ok": clock_ok,
+            "reader": reader,
+            "direction": direction,
+            "method": Method.FACE,
+            "face_score": round(score, 4),
+        }
+        if not person.active:
+            draft = EventDraft(
+                kind=Kind.REJECTED, person=person.id, role=person.role.value, reason="inactive", **common
+            )
+        else:
+            draft = self._attendance(person, direction, now, common)
+        self._last_seen[key] = (mono, draft.kind)
+        if draft.kind in (Kind.ARRIVAL, Kind.DEPARTURE):
+            self._done.add((person.id, draft.kind))
+        return Decision(draft, person)

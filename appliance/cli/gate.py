@@ -132,6 +132,11 @@ def status(config_path: Path, journal_path: Path | None, as_json: bool) -> None:
         problems.append(f"disk nearly full: {disk.free_mb} MB free (limit {min_free} MB)")
     if not clock_ok:
         problems.append("clock not synchronised (events are flagged clock_ok=false)")
+    vision = daemon.get("vision") if running and daemon else None
+    if vision and vision.get("state") != "ok":
+        problems.append(f"faces: {vision.get('detail')}")
+    if vision and isinstance(vision.get("camera"), dict) and vision["camera"].get("state") not in (None, "ok"):
+        problems.append(f"camera: {vision['camera'].get('state')} ({vision['camera'].get('detail')})")
     if running and daemon and daemon["journal"].get("last_error"):
         problems.append(f"journal: {daemon['journal']['last_error']}")
     if as_json:
@@ -145,6 +150,7 @@ def status(config_path: Path, journal_path: Path | None, as_json: bool) -> None:
                     "disk": {"free_mb": disk.free_mb, "low": disk.low},
                     "problems": problems,
                     "counters": daemon.get("counters") if daemon else None,
+                    "vision": vision,
                 },
                 ensure_ascii=False,
             )
@@ -153,6 +159,8 @@ def status(config_path: Path, journal_path: Path | None, as_json: bool) -> None:
         click.echo(f"daemon:   {'running (pid {})'.format(daemon['pid']) if running and daemon else 'NOT RUNNING'}")
         for r in readers:
             click.echo(f"reader:   {r['name']:<12} {r['type']:<9} {r['state']:<8} {r['detail']}")
+        if vision:
+            click.echo(f"faces:    {vision.get('state')} ({vision.get('detail')})")
         click.echo(
             f"journal:  {path} ({journal['bytes'] // 1024} KiB), {journal['events']} events, last seq "
             f"{journal['last_seq']}, {journal['unsynced']} unsynced"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from appliance.vision.decisions import FaceDecision
 from appliance.vision.detect import Face
 from appliance.vision.engine import FaceEngine
 from appliance.vision.gallery import Gallery, MatchResult, normalise
@@ -30,17 +31,6 @@ class PipelineSettings:
     track_timeout: float = 1.0  # seconds unseen before a track's pass ends
     motion_threshold: float = 2.0  # mean absolute grey difference (0..255) of a 64x48 thumbnail
     recent_seconds: float = 3.0  # how long faces stay available for card verification
-
-
-@dataclass(frozen=True, slots=True)
-class FaceDecision:
-    """One person's pass: identified (``person`` set, ``accepted``) or an unknown face."""
-
-    person: str | None
-    score: float
-    accepted: bool
-    track: int
-    at: float
 
 
 @dataclass
