@@ -108,8 +108,6 @@ class FaceGate:
         return {
             "state": state,
             "detail": self.error or f"{self.service.gallery.people} people enrolled",
-            "camera": camera
-            if isinstance(camera, dict) or camera is None
-            else getattr(camera, "__dict__", str(camera)),
+            "camera": camera.as_dict() if hasattr(camera, "as_dict") else camera,
             "stats": dict(self.pipeline.stats),
         }

@@ -374,12 +374,14 @@ class Camera:
         """
         self._stop.set()
         with self._cond:
+            self._frame = None  # nothing stale for a consumer that asks after the stop
             self._cond.notify_all()
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
         with self._lock:
             self._health = replace(self._health, state="error", detail="stopped", since=time.time(), backoff=0.0)
+        log.info("camera: stopped")
         return thread is None or not thread.is_alive()
 
     @property
