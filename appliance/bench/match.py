@@ -123,9 +123,11 @@ def measure(size: int, count: int, per_person: int, threshold: float, margin: fl
             continue
         ours.append(ours_ns / 1e6)
         bare.append(bare_ns / 1e6)
-        same_best += result.person == names[best // per_person]
-        accepted += result.accepted
-        known_accepted += result.accepted and source[i] >= 0 and result.person == names[source[i] // per_person]
+        same_best += int(result.person == names[best // per_person])
+        accepted += int(result.accepted)
+        known_accepted += int(
+            bool(result.accepted and source[i] >= 0 and result.person == names[source[i] // per_person])
+        )
 
     ours_p50, bare_p50 = float(np.median(ours)), float(np.median(bare))
     return {

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from appliance.cli.common import fail
+from appliance.cli.common import config_option, fail, friendly_errors
+from appliance.config import load_config
 
 
 @click.group()
@@ -62,4 +63,115 @@ def bench_idle(seconds: float, port: int) -> None:
     try:
         run_idle(seconds, port)
     except RuntimeError as exc:
+        fail(str(exc))
+
+
+@bench.command("match")
+@click.option(
+    "--sizes",
+    default="1000,10000,100000",
+    show_default=True,
+    help="Gallery sizes to measure, in templates, comma-separated.",
+)
+@click.option("--queries", type=click.IntRange(min=10), default=200, show_default=True, help="Timed queries per size.")
+@click.option(
+    "--templates-per-person",
+    type=click.IntRange(min=1, max=100),
+    default=1,
+    show_default=True,
+    help="Templates enrolled per person (the runner-up pass skips a person's own templates).",
+)
+def bench_match(sizes: str, queries: int, templates_per_person: int) -> None:
+    """1:N time per query through Gallery.match vs a bare numpy matrix-vector + argmax on the same matrix."""
+    from appliance.bench.match import parse_sizes
+    from appliance.bench.match import run as run_match
+
+    try:
+        parsed = parse_sizes(sizes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--sizes") from None
+    run_match(parsed, queries, templates_per_person)
+
+
+@bench.command("accuracy")
+@click.option(
+    "--dataset",
+    "dataset",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    required=True,
+    help="Folder with one subfolder of photos per person (LFW's layout).",
+)
+@click.option(
+    "--pairs",
+    "pairs_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Pairs in LFW's pairs.txt format (images DIR/NAME/NAME_%04d.jpg); default: all genuine pairs of the "
+    "folders plus as many seeded random impostor pairs.",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1, 1),
+    default=None,
+    help="Cosine threshold for the identification section (default: the one at FAR 1e-3 when the data can "
+    "resolve it, else the model's published threshold).",
+)
+@click.option(
+    "--margin",
+    type=click.FloatRange(0, 2),
+    default=None,
+    help="Margin over the runner-up for identification (default: vision.match_margin).",
+)
+@click.option(
+    "--folds",
+    type=click.IntRange(min=2),
+    default=10,
+    show_default=True,
+    help="Folds for generated pairs (a pairs file brings its own).",
+)
+@click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Installed model pack (default: vision.models_dir of the config).",
+)
+@config_option
+@click.pass_context
+@friendly_errors
+def bench_accuracy(
+    ctx: click.Context,
+    dataset: Path,
+    pairs_file: Path | None,
+    threshold: float | None,
+    margin: float | None,
+    folds: int,
+    models_dir: Path | None,
+    config_path: Path,
+) -> None:
+    """LFW-style 10-fold verification accuracy, TAR at FAR 1e-3/1e-4 and open-set identification.
+
+    Photos go through the gate's pipeline (detection and model settings from the config's [vision]); the face
+    nearest the centre is used, a photo with no face is a failure to enrol and its pairs score -1.
+
+    Calibrating the gate: the summary's `calibrate` field gives the cosine thresholds at FAR 1e-3 and 1e-4 on
+    this data. Run this on photos like the gate's (at least 1,000 impostor pairs for FAR 1e-3, 10,000 for
+    1e-4; the field says whether the data was enough), then set vision.match_threshold to the FAR 1e-3 value;
+    repeat whenever the model changes, since thresholds do not carry over between models.
+    """
+    from appliance.bench.accuracy import DatasetError
+    from appliance.bench.accuracy import run as run_accuracy
+    from appliance.config import VisionConfig
+    from appliance.vision.models import ModelError
+
+    explicit = ctx.get_parameter_source("config_path") not in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.DEFAULT_MAP,
+    )
+    vision = load_config(config_path).vision if explicit or config_path.exists() else VisionConfig()
+    if models_dir is not None:
+        vision = vision.model_copy(update={"models_dir": models_dir})
+    try:
+        run_accuracy(dataset, pairs_file, threshold, margin, folds, vision)
+    except (DatasetError, ModelError) as exc:
         fail(str(exc))
