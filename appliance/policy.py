@@ -100,15 +100,24 @@ class AttendancePolicy:
         }
         if person is None:
             draft = EventDraft(kind=Kind.UNKNOWN_CARD, **common)
-        elif not person.active:
+        else:
+            return self._decide_person(person, direction, now, common, key, mono)
+        self._last_seen[key] = (mono, draft.kind)
+        return Decision(draft, person)
+
+    def _decide_person(
+        self, person: Person, direction: Direction, now: datetime, common: dict, key: tuple[str, str], mono: float
+    ) -> Decision:
+        """Shared by card and face: inactive -> rejected, else the attendance rules; then remember it."""
+        if not person.active:
             draft = EventDraft(
                 kind=Kind.REJECTED, person=person.id, role=person.role.value, reason="inactive", **common
             )
         else:
             draft = self._attendance(person, direction, now, common)
         self._last_seen[key] = (mono, draft.kind)
-        if draft.person is not None and draft.kind in (Kind.ARRIVAL, Kind.DEPARTURE):
-            self._done.add((draft.person, draft.kind))
+        if draft.kind in (Kind.ARRIVAL, Kind.DEPARTURE):
+            self._done.add((person.id, draft.kind))
         return Decision(draft, person)
 
     def _attendance(self, person: Person, direction: Direction, now: datetime, common: dict) -> EventDraft:
@@ -161,13 +170,4 @@ class AttendancePolicy:
             "method": Method.FACE,
             "face_score": round(score, 4),
         }
-        if not person.active:
-            draft = EventDraft(
-                kind=Kind.REJECTED, person=person.id, role=person.role.value, reason="inactive", **common
-            )
-        else:
-            draft = self._attendance(person, direction, now, common)
-        self._last_seen[key] = (mono, draft.kind)
-        if draft.kind in (Kind.ARRIVAL, Kind.DEPARTURE):
-            self._done.add((person.id, draft.kind))
-        return Decision(draft, person)
+        return self._decide_person(person, direction, now, common, key, mono)
