@@ -219,6 +219,60 @@ class VisionConfig(_Section):
     )
 
 
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+class SyncConfig(_Section):
+    """MQTT store-and-forward to the school hub (topics and payloads: README "Sync").
+
+    Secrets come from files (``password_file``) or the ``EDUGATE_MQTT_PASSWORD`` environment
+    variable, never from the config text itself, so the file can be shown to anyone.
+    """
+
+    enabled: bool = Field(False, description="send journalled events to the hub and take its instructions")
+    host: str = Field("127.0.0.1", min_length=1, description="the school's MQTT broker")
+    port: int = Field(8883, ge=1, le=65535)
+    tls: bool = Field(True, description="TLS with the pinned ca_file; plaintext only to loopback or if allowed")
+    allow_plaintext: bool = Field(False, description="allow tls = false to a non-loopback broker (not advised)")
+    ca_file: Path | None = Field(None, description="the school CA that signed the broker's certificate (pinned)")
+    cert_file: Path | None = Field(None, description="client certificate, instead of or besides a password")
+    key_file: Path | None = Field(None, description="client certificate's private key")
+    username: str | None = Field(None, description="broker user name; default: the device id")
+    password_file: Path | None = Field(None, description="file holding the broker password (mode 0600)")
+    topic_prefix: str = Field("edugate", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    client_id: str | None = Field(None, description="MQTT client id; default edugate-<device id>")
+    keepalive: int = Field(30, ge=2, le=3600, description="seconds; a silent broker is dropped after ~1.5x this")
+    window: int = Field(500, ge=1, le=65535, description="events published but not yet acknowledged, at most")
+    batch: int = Field(500, ge=1, le=10000, description="events read from the journal at a time while draining")
+    status_interval: float = Field(30.0, ge=1, le=3600, description="seconds between retained status messages")
+    backoff_min: float = Field(1.0, gt=0, le=60, description="first reconnect delay (seconds)")
+    backoff_max: float = Field(60.0, gt=0, le=3600, description="reconnect delay ceiling (seconds)")
+    session_expiry: int = Field(7 * 24 * 3600, ge=0, description="seconds the broker keeps this gate's session")
+    hub_public_key: str | None = Field(None, description="the hub's Ed25519 public key, base64 (32 bytes)")
+    hub_public_key_file: Path | None = Field(None, description="or a file holding it (base64 or PEM)")
+
+    @model_validator(mode="after")
+    def _safe_transport(self) -> SyncConfig:
+        if not self.enabled:
+            return self
+        if not self.tls and self.host.lower() not in _LOOPBACK_HOSTS and not self.allow_plaintext:
+            raise ValueError(
+                f"tls = false would send check-ins in plaintext to {self.host}; use TLS (tls = true, ca_file) "
+                "or set allow_plaintext = true if the network is private"
+            )
+        if self.tls and self.ca_file is None:
+            raise ValueError("tls = true needs ca_file (the school CA that signed the broker's certificate)")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is not None and not self.tls:
+            raise ValueError("client certificates need tls = true")
+        if self.backoff_max < self.backoff_min:
+            raise ValueError("backoff_max must be at least backoff_min")
+        if self.hub_public_key and self.hub_public_key_file:
+            raise ValueError("give hub_public_key or hub_public_key_file, not both")
+        return self
+
+
 class GateConfig(_Section):
     """The whole ``gate.toml``."""
 
@@ -231,6 +285,7 @@ class GateConfig(_Section):
     roster: RosterConfig = Field(default_factory=RosterConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     vision: VisionConfig = Field(default_factory=VisionConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
 
     @model_validator(mode="after")
     def _unique_reader_names(self) -> GateConfig:

@@ -35,6 +35,7 @@ from appliance.vision.decisions import FaceDecision, Verdict
 
 if TYPE_CHECKING:
     from appliance.face_gate import FaceGate
+    from appliance.sync.service import SyncService
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,10 @@ class Daemon:
         self.vision_error: str | None = None
         if config.vision.enabled:
             self._attach_faces()
+        self.sync: SyncService | None = None
+        self.sync_error: str | None = None
+        if config.sync.enabled:
+            self._attach_sync()
         self.notifier = Notifier()
         self.status_file = status_path(config.journal.path)
         self.started = time.time()
@@ -290,6 +295,24 @@ class Daemon:
             self.vision_error = f"face recognition unavailable, cards only: {exc}"
             log.error("%s", self.vision_error)
 
+    def _attach_sync(self) -> None:
+        """The MQTT uplink; a sync that cannot start leaves events safe in the journal and says why."""
+        try:
+            from appliance.sync.service import SyncService
+
+            self.sync = SyncService(self.config, self.gate.journal, self._sync_status_source)
+            self.gate.listeners.append(self.sync.wake)
+        except Exception as exc:
+            self.sync_error = f"sync unavailable, events stay in the journal: {exc}"
+            log.error("%s", self.sync_error)
+
+    def _sync_status_source(self) -> dict[str, Any]:
+        return {
+            "readers": health_dicts(self.gate.reader_health()),
+            "camera": self._vision_status(),
+            "clock_ok": self.clock.synced(),
+        }
+
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
@@ -299,6 +322,8 @@ class Daemon:
         if self.database.salvaged_from is not None:
             log.error("journal was damaged and rebuilt; the damaged file is kept at %s", self.database.salvaged_from)
         self.gate.start()
+        if self.sync is not None:
+            self.sync.start()
         log.info(
             "edugate %s started: device %s, %d reader(s), journal %s",
             __version__,
@@ -317,6 +342,8 @@ class Daemon:
         finally:
             self.notifier.notify("STOPPING=1")
             self.gate.stop()
+            if self.sync is not None:
+                self.sync.stop()
             self.write_status(stopping=True)
             self.database.close()
             log.info("edugate stopped")
@@ -374,6 +401,7 @@ class Daemon:
                     "salvaged_from": str(self.database.salvaged_from or "") or None,
                 },
                 "vision": self._vision_status(),
+                "sync": self._sync_health(),
                 "counters": {
                     "taps": counters.taps,
                     "events": counters.events,
@@ -382,6 +410,11 @@ class Daemon:
                 },
             },
         )
+
+    def _sync_health(self) -> dict[str, Any] | None:
+        if self.sync_error:
+            return {"state": "error", "last_error": self.sync_error}
+        return self.sync.health() if self.sync is not None else None
 
     def _vision_status(self) -> dict[str, Any] | None:
         if self.vision_error:

@@ -87,8 +87,25 @@ class EventJournal:
         ).fetchall()
 
     def mark_synced(self, seqs: list[int], at: str) -> None:
+        """Record the hub's acknowledgements, all in one transaction (one fsync per batch, not per event)."""
         with self._lock:
-            self._conn.executemany("UPDATE events SET synced_at = ? WHERE seq = ?", [(at, s) for s in seqs])
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    "UPDATE events SET synced_at = ? WHERE seq = ? AND synced_at IS NULL", [(at, s) for s in seqs]
+                )
+            except BaseException:
+                self._conn.rollback()
+                raise
+            self._conn.commit()
+
+    def mark_unsynced(self, from_seq: int) -> int:
+        """Send events from ``from_seq`` on again (the hub asked for a resync); how many were reset."""
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE events SET synced_at = NULL WHERE seq >= ? AND synced_at IS NOT NULL", [from_seq]
+            )
+        return cur.rowcount
 
     def prune_synced(self, retention_days: int, now: datetime) -> int:
         """Delete synced events older than the retention; unsynced events are never deleted."""

@@ -1,0 +1,118 @@
+"""The gate's side of sync, built from the config: transport + uplink + status (+ downlink).
+
+The daemon creates one SyncService, wakes it after every commit and reads its health for
+``edugate status``; everything MQTT stays in this package.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from appliance.config import GateConfig
+from appliance.journal.db import open_database
+from appliance.journal.events import EventJournal, journal_stats
+from appliance.sync.status import offline_status, online_status
+from appliance.sync.topics import Topics
+from appliance.sync.transport import MqttTransport
+from appliance.sync.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+# What the daemon knows and sync does not: readers' and camera's health, clock state.
+StatusSource = Callable[[], dict[str, Any]]
+
+
+class SyncService:
+    def __init__(self, config: GateConfig, journal: EventJournal, status_source: StatusSource) -> None:
+        sync = config.sync
+        self.config = config
+        self.device = config.device.id
+        self.topics = Topics(sync.topic_prefix, config.device.school, config.device.id)
+        self.status_source = status_source
+        self._stats_db = open_database(config.journal.path, readonly=True)
+        self.transport = MqttTransport(
+            sync,
+            client_id=sync.client_id or f"edugate-{self.device}",
+            username=sync.username or self.device,
+            will=(self.topics.status, offline_status(self.device, "connection lost")),
+            subscriptions=(self.topics.downlink,),
+        )
+        self.uplink = Uplink(journal, config.journal.path, self.transport, self.topics.events, sync.window, sync.batch)
+        self.downlink: Any = None
+        self.transport.on_ack = self.uplink.on_ack
+        self.transport.on_online = self._online
+        self.transport.on_message = self._message
+        self._stop = threading.Event()
+        self._status_now = threading.Event()
+        self._status_thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.uplink.start()
+        self.transport.start()
+        self._status_thread = threading.Thread(target=self._status_loop, name="sync-status", daemon=True)
+        self._status_thread.start()
+
+    def stop(self) -> None:
+        """Send what is acknowledged to the journal, say "stopped" on the status topic, disconnect."""
+        self._stop.set()
+        self._status_now.set()
+        if self._status_thread is not None:
+            self._status_thread.join(5)
+        self.uplink.stop()
+        if self.downlink is not None:
+            self.downlink.stop()
+        self.transport.stop(final=(self.topics.status, offline_status(self.device, "stopped")))
+        self._stats_db.close()
+
+    def wake(self, *_: object) -> None:
+        """Gate listener: an event was just committed."""
+        self.uplink.wake()
+
+    def _online(self, session_present: bool) -> None:
+        self.uplink.on_online(session_present)
+        self._status_now.set()
+
+    def _message(self, topic: str, payload: bytes) -> None:
+        if self.downlink is not None:
+            self.downlink.submit(topic, payload)
+
+    def _status_loop(self) -> None:
+        while not self._stop.is_set():
+            self._status_now.wait(self.config.sync.status_interval)
+            self._status_now.clear()
+            if self._stop.is_set():
+                return
+            if self.transport.connected.is_set():
+                try:
+                    self.transport.publish(self.topics.status, self.status_payload(), retain=True)
+                except Exception as exc:
+                    log.warning("sync: cannot publish status: %s", exc)
+
+    def status_payload(self) -> bytes:
+        stats = journal_stats(self._stats_db)
+        local = self.status_source()
+        return online_status(
+            device=self.device,
+            readers=local.get("readers", []),
+            camera=local.get("camera"),
+            clock_ok=bool(local.get("clock_ok")),
+            backlog=stats.unsynced,
+            oldest_unsynced=stats.oldest_unsynced_ts,
+            last_seq=stats.last_seq,
+            journal=self._stats_db.journal_id,
+        )
+
+    def health(self) -> dict[str, Any]:
+        """For the status file: the link and the uplink's progress (no backlog query: status adds it)."""
+        return {
+            **self.transport.link.as_dict(),
+            "broker": f"{self.config.sync.host}:{self.config.sync.port}",
+            "inflight": self.uplink.inflight(),
+            "published": self.uplink.published,
+            "acknowledged": self.uplink.acked_total,
+            "last_synced_seq": self.uplink.last_synced_seq,
+            "uplink_error": self.uplink.last_error,
+        }
