@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
 from appliance.clock import Clock
-from appliance.config import GateConfig
+from appliance.config import ConfigError, GateConfig, load_config
 from appliance.events import Event, EventDraft, Kind, Method
 from appliance.feedback import Ack, Feedback, Outcome, build_feedback
 from appliance.journal import EventJournal, open_database
@@ -81,6 +82,19 @@ class Gate:
         self.faces: FaceGate | None = None
         self._queue: queue.Queue[Any] = queue.Queue()
         self._worker: threading.Thread | None = None
+
+    def reconfigure(self, config: GateConfig) -> None:
+        """New policy and feedback from the hub or a reload, taken between two taps (no restart)."""
+        policy = AttendancePolicy(config.policy)
+        now = self.clock.now()
+        policy.remember(self.journal.day_rows(now.date().isoformat()), now)
+        old_feedback = self.feedback
+        if config.feedback != self.config.feedback:
+            self.feedback = build_feedback(config.feedback, config.device.language)
+        self.policy = policy
+        self.config = config
+        if self.feedback is not old_feedback:
+            old_feedback.close()
 
     def submit(self, tap: Tap) -> None:
         """Called from reader threads; never blocks them."""
@@ -262,9 +276,12 @@ class Gate:
 class Daemon:
     """``edugate run``: the gate plus signals, systemd notifications, status file, pruning, disk checks."""
 
-    def __init__(self, config: GateConfig) -> None:
-        self.config = config
+    def __init__(self, config: GateConfig, config_path: Path | None = None) -> None:
+        self.config_path = config_path
+        self.file_config = config
         self.database = open_database(config.journal.path, writer=True)
+        config = self._with_hub_config(config)
+        self.config = config
         self.clock = Clock(config.zone, config.clock.assume_synced)
         feedback = build_feedback(config.feedback, config.device.language)
         self.gate = Gate(config, self.database, feedback, self.clock, build_readers(config.readers))
@@ -298,13 +315,44 @@ class Daemon:
     def _attach_sync(self) -> None:
         """The MQTT uplink; a sync that cannot start leaves events safe in the journal and says why."""
         try:
+            from appliance.sync.downlink import Hooks
             from appliance.sync.service import SyncService
 
-            self.sync = SyncService(self.config, self.gate.journal, self._sync_status_source)
+            hooks = Hooks(config_changed=self.apply_config, reload=self.reload, rotate_logs=reopen_log_files)
+            self.sync = SyncService(
+                self.config, self.gate.journal, self._sync_status_source, hooks, clock_ok=self.clock.synced
+            )
             self.gate.listeners.append(self.sync.wake)
         except Exception as exc:
             self.sync_error = f"sync unavailable, events stay in the journal: {exc}"
             log.error("%s", self.sync_error)
+
+    def _with_hub_config(self, config: GateConfig) -> GateConfig:
+        """gate.toml with the sections the hub set laid over it (a bad overlay is ignored, loudly)."""
+        from appliance.sync.downlink import hub_config_sections, overlay
+
+        try:
+            return overlay(config, hub_config_sections(self.database.conn))
+        except ConfigError as exc:
+            log.error("the hub's config no longer fits gate.toml, using gate.toml alone: %s", exc)
+            return config
+
+    def apply_config(self, config: GateConfig) -> None:
+        self.config = config
+        self.gate.reconfigure(config)
+        log.info("configuration changed by the hub: policy and feedback reloaded")
+
+    def reload(self) -> str:
+        """Read gate.toml again (plus the hub's sections) and apply what can change live."""
+        if self.config_path is None:
+            return "nothing to reload: started without a config file"
+        fresh = load_config(self.config_path)
+        for section in ("device", "journal", "readers", "sync"):
+            if getattr(fresh, section) != getattr(self.file_config, section):
+                log.warning("reload: [%s] changed in %s; restart edugate to apply it", section, self.config_path)
+        self.file_config = fresh
+        self.apply_config(self._with_hub_config(fresh))
+        return "policy and feedback reloaded"
 
     def _sync_status_source(self) -> dict[str, Any]:
         return {
@@ -316,9 +364,19 @@ class Daemon:
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
+    def _on_hup(self, *_: object) -> None:
+        threading.Thread(target=self._reload_logged, name="reload", daemon=True).start()
+
+    def _reload_logged(self) -> None:
+        try:
+            log.info("SIGHUP: %s", self.reload())
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
         if self.database.salvaged_from is not None:
             log.error("journal was damaged and rebuilt; the damaged file is kept at %s", self.database.salvaged_from)
         self.gate.start()
@@ -420,6 +478,22 @@ class Daemon:
         if self.vision_error:
             return {"state": "error", "detail": self.vision_error}
         return self.gate.faces.health() if self.gate.faces is not None else None
+
+
+def reopen_log_files() -> str:
+    """Close file log handlers so the next line reopens the file (after logrotate moved it)."""
+    reopened = 0
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                handler.close()
+            finally:
+                handler.release()
+            reopened += 1
+    if not reopened:
+        return "logs go to stderr (the systemd journal rotates them); nothing to reopen"
+    return f"{reopened} log file(s) reopened"
 
 
 def stats_dict(database: Database) -> dict[str, Any]:

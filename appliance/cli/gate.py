@@ -31,7 +31,7 @@ def run(ctx: click.Context, config_path: Path) -> None:
     setup_logging(config.logging.level, ctx.find_root().params["debug"])
     from appliance.daemon import Daemon
 
-    Daemon(config).run()
+    Daemon(config, config_path).run()
 
 
 @click.command()

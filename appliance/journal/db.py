@@ -111,6 +111,14 @@ def _create_schema(db: sqlite_utils.Database) -> None:
         )"""
     )
     db.execute("CREATE INDEX IF NOT EXISTS templates_person ON templates(person_id, model)")
+    # Hub -> gate messages already obeyed, so a replayed one is refused (pruned after 30 days).
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS downlink_seen (
+            nonce TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            received_at TEXT NOT NULL
+        )"""
+    )
 
 
 def _meta(db: sqlite_utils.Database, key: str, default: str) -> str:

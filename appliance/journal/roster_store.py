@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -79,8 +81,18 @@ class RosterStore:
         rows = self.conn.execute(f"SELECT uid, person_id FROM cards WHERE uid IN ({marks})", uids) if uids else []
         return dict(rows)
 
-    def apply(self, people: list[Person], replace: bool) -> ApplyReport:
+    def apply(
+        self,
+        people: list[Person],
+        replace: bool,
+        deactivate: Sequence[str] = (),
+        in_transaction: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> ApplyReport:
         """Write the people in one transaction.
+
+        ``deactivate``: ids to deactivate besides (a hub's roster delta). ``in_transaction`` runs
+        inside the same transaction before the commit (the hub's version bookkeeping), so the
+        change and its record land together or not at all.
 
         ``replace``: the file is the whole roster, so people missing from it are deactivated
         (kept, so their past events still resolve) and their cards may be given to others.
@@ -133,13 +145,15 @@ class RosterStore:
                     "INSERT OR REPLACE INTO cards(uid, person_id) VALUES (?, ?)",
                     [(uid, person.id) for uid in person.cards],
                 )
-            if replace:
-                for pid, old in existing.items():
-                    if pid not in incoming and old.active:
-                        conn.execute("UPDATE persons SET active = 0, updated_at = ? WHERE id = ?", [now, pid])
-                        report.deactivated.append(pid)
+            for pid, old in existing.items():
+                gone = replace and pid not in incoming
+                if (gone or (pid in deactivate and pid not in incoming)) and old.active:
+                    conn.execute("UPDATE persons SET active = 0, updated_at = ? WHERE id = ?", [now, pid])
+                    report.deactivated.append(pid)
             report.version = self.version() + (1 if (report.added or report.updated or report.deactivated) else 0)
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('roster_version', ?)", [str(report.version)])
+            if in_transaction is not None:
+                in_transaction(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

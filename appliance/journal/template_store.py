@@ -6,6 +6,8 @@ loaded per model and a template made by another model is never compared with thi
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import numpy as np
@@ -35,6 +37,41 @@ class TemplateStore:
             )
             self._bump()
         return len(sealed)
+
+    def replace_many(
+        self,
+        model: str,
+        new: dict[str, np.ndarray],
+        remove: list[str],
+        in_transaction: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> tuple[int, int]:
+        """The hub's templates: each listed person's rows of ``model`` replaced, ``remove`` erased.
+
+        One transaction, with ``in_transaction`` (version bookkeeping) inside it: a gate never
+        holds half a template update. Returns (templates written, people erased).
+        """
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        rows = [
+            (person, model, self.sealer.seal(vector.tobytes(), _context(person, model)), now)
+            for person, vectors in new.items()
+            for vector in np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
+        ]
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM templates WHERE person_id = ? AND model = ?", [(p, model) for p in new])
+            erased = 0
+            for person in remove:
+                erased += conn.execute("DELETE FROM templates WHERE person_id = ?", [person]).rowcount > 0
+            conn.executemany("INSERT INTO templates(person_id, model, sealed, created_at) VALUES (?, ?, ?, ?)", rows)
+            self._bump()
+            if in_transaction is not None:
+                in_transaction(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return len(rows), erased
 
     def remove(self, person_id: str) -> int:
         with self.conn:

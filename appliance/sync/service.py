@@ -14,6 +14,8 @@ from typing import Any
 from appliance.config import GateConfig
 from appliance.journal.db import open_database
 from appliance.journal.events import EventJournal, journal_stats
+from appliance.sync.downlink import Downlink, Hooks
+from appliance.sync.signing import SigningKeyError, load_public_key
 from appliance.sync.status import offline_status, online_status
 from appliance.sync.topics import Topics
 from appliance.sync.transport import MqttTransport
@@ -26,7 +28,14 @@ StatusSource = Callable[[], dict[str, Any]]
 
 
 class SyncService:
-    def __init__(self, config: GateConfig, journal: EventJournal, status_source: StatusSource) -> None:
+    def __init__(
+        self,
+        config: GateConfig,
+        journal: EventJournal,
+        status_source: StatusSource,
+        hooks: Hooks | None = None,
+        clock_ok: Callable[[], bool] = lambda: True,
+    ) -> None:
         sync = config.sync
         self.config = config
         self.device = config.device.id
@@ -41,7 +50,28 @@ class SyncService:
             subscriptions=(self.topics.downlink,),
         )
         self.uplink = Uplink(journal, config.journal.path, self.transport, self.topics.events, sync.window, sync.batch)
-        self.downlink: Any = None
+        self.downlink_error: str | None = None
+        try:
+            hub_key = load_public_key(sync.hub_public_key, sync.hub_public_key_file)
+        except SigningKeyError as exc:
+            hub_key = None
+            self.downlink_error = f"downlink disabled: {exc}"
+            log.error("sync: %s", self.downlink_error)
+        if hub_key is None and self.downlink_error is None:
+            self.downlink_error = "no sync.hub_public_key: hub messages are refused"
+        self._downlink_db = open_database(config.journal.path)
+        hooks = hooks or Hooks()
+        if hooks.resync is None:
+            hooks.resync = self.uplink.resync
+        self.downlink = Downlink(
+            self.topics,
+            self._downlink_db,
+            hub_key,
+            config,
+            publish=lambda topic, data: self.transport.publish(topic, data),
+            clock_ok=clock_ok,
+            hooks=hooks,
+        )
         self.transport.on_ack = self.uplink.on_ack
         self.transport.on_online = self._online
         self.transport.on_message = self._message
@@ -50,6 +80,7 @@ class SyncService:
         self._status_thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self.downlink.start()
         self.uplink.start()
         self.transport.start()
         self._status_thread = threading.Thread(target=self._status_loop, name="sync-status", daemon=True)
@@ -62,10 +93,10 @@ class SyncService:
         if self._status_thread is not None:
             self._status_thread.join(5)
         self.uplink.stop()
-        if self.downlink is not None:
-            self.downlink.stop()
+        self.downlink.stop()
         self.transport.stop(final=(self.topics.status, offline_status(self.device, "stopped")))
         self._stats_db.close()
+        self._downlink_db.close()
 
     def wake(self, *_: object) -> None:
         """Gate listener: an event was just committed."""
@@ -76,8 +107,7 @@ class SyncService:
         self._status_now.set()
 
     def _message(self, topic: str, payload: bytes) -> None:
-        if self.downlink is not None:
-            self.downlink.submit(topic, payload)
+        self.downlink.submit(topic, payload)
 
     def _status_loop(self) -> None:
         while not self._stop.is_set():
@@ -115,4 +145,10 @@ class SyncService:
             "acknowledged": self.uplink.acked_total,
             "last_synced_seq": self.uplink.last_synced_seq,
             "uplink_error": self.uplink.last_error,
+            "downlink": {
+                "applied": self.downlink.applied,
+                "refused": self.downlink.refused,
+                "last_refusal": self.downlink.last_refusal,
+                "error": self.downlink_error,
+            },
         }

@@ -1,0 +1,370 @@
+"""Hub -> gate: signed roster, templates, config and commands, each applied whole or not at all.
+
+Every message is checked in this order, and the first failure refuses it with a reason on
+the result topic, changing nothing: JSON object -> Ed25519 signature with the hub's key ->
+JSON Schema -> addressed to this school and gate, on the topic of its type -> not seen
+before (nonce) -> newer than what the gate has (version per stream; a roster delta must
+sit exactly on the gate's roster version) -> applied in one database transaction that also
+records the new version and the nonce.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from appliance.config import ConfigError, GateConfig, parse_config
+from appliance.journal.db import Database
+from appliance.journal.roster_store import RosterStore
+from appliance.journal.sealing import Sealer
+from appliance.journal.template_store import TemplateStore
+from appliance.roster.model import Person, Role, normalise_name
+from appliance.sync.signing import SignatureError, verify
+from appliance.sync.topics import Topics
+
+log = logging.getLogger(__name__)
+
+RESULT_SCHEMA = 1
+COMMAND_MAX_AGE = timedelta(hours=24)  # a command older than this is refused when the clock can be trusted
+NONCE_RETENTION = timedelta(days=30)
+REMOTE_SECTIONS = ("policy", "feedback")  # what the hub may change live; never device, journal or sync
+STREAM_OF = {"roster.snapshot": "roster", "roster.delta": "roster", "templates": "templates", "config": "config"}
+TOPIC_OF = {
+    "roster.snapshot": "roster",
+    "roster.delta": "roster",
+    "templates": "templates",
+    "config": "config",
+    "command": "command",
+}
+
+
+class Refused(Exception):
+    """The message is not obeyed; the text goes back to the hub as the reason."""
+
+
+@cache
+def downlink_schema() -> dict[str, Any]:
+    text = resources.files("appliance.schema").joinpath("downlink.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+@cache
+def _validator() -> jsonschema.protocols.Validator:
+    schema = downlink_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def schema_problem(message: dict[str, Any]) -> str | None:
+    """The first schema violation in words, or None."""
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(message))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "(message)"
+    return f"{where}: {error.message}"
+
+
+def stream_version(conn: sqlite3.Connection, stream: str) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", [f"downlink.{stream}"]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def hub_config_sections(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Config sections the hub set, to lay over gate.toml at start and on reload."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'hub_config'").fetchone()
+    return json.loads(row[0]) if row else {}
+
+
+def overlay(config: GateConfig, sections: dict[str, Any]) -> GateConfig:
+    """gate.toml with the hub's sections in place of its own (raises ConfigError if invalid)."""
+    if not sections:
+        return config
+    data = config.model_dump(exclude_none=True)
+    data.update({k: v for k, v in sections.items() if k in REMOTE_SECTIONS})
+    return parse_config(data, "hub config")
+
+
+def _person(item: dict[str, Any]) -> Person:
+    return Person(
+        id=item["id"],
+        full_name=normalise_name(item["full_name"]),
+        role=Role(item["role"]),
+        class_name=item.get("class_name"),
+        active=item.get("active", True),
+        cards=tuple(sorted(set(item.get("cards", [])))),
+        parent_phones=tuple(item.get("parent_phones", [])),
+        parent_emails=tuple(item.get("parent_emails", [])),
+    )
+
+
+def _vectors(person: str, texts: list[str]) -> np.ndarray:
+    rows = []
+    for text in texts:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise Refused(f"body/set/{person}: a template is not base64") from None
+        if len(raw) == 0 or len(raw) % 4:
+            raise Refused(f"body/set/{person}: a template is not a float32 vector")
+        rows.append(np.frombuffer(raw, dtype="<f4"))
+    if len({len(r) for r in rows}) != 1:
+        raise Refused(f"body/set/{person}: templates of different lengths")
+    matrix = np.vstack(rows)
+    if not np.all(np.isfinite(matrix)):
+        raise Refused(f"body/set/{person}: a template holds NaN or infinity")
+    return matrix
+
+
+@dataclass
+class Hooks:
+    """What the daemon does once a change is in the database (all optional)."""
+
+    config_changed: Callable[[GateConfig], None] | None = None
+    reload: Callable[[], str] | None = None
+    resync: Callable[[int], int] | None = None
+    rotate_logs: Callable[[], str] | None = None
+    templates_changed: Callable[[], None] | None = None
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    reason: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Downlink:
+    """Checks and applies downlink messages on its own thread (never in paho's network thread)."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        database: Database,
+        hub_key: Ed25519PublicKey | None,
+        config: GateConfig,
+        publish: Callable[[str, bytes], object],
+        clock_ok: Callable[[], bool] = lambda: True,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self.topics = topics
+        self.database = database
+        self.conn = database.conn
+        self.hub_key = hub_key
+        self.config = config
+        self.publish = publish
+        self.clock_ok = clock_ok
+        self.hooks = hooks or Hooks()
+        self.applied = 0
+        self.refused = 0
+        self.last_refusal: str | None = None
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="downlink", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        self._queue.put((topic, payload))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self.handle(*item)
+            except Exception:
+                log.exception("downlink: unexpected failure")
+
+    def handle(self, topic: str, payload: bytes) -> Outcome:
+        """Check, apply and answer one message; returns what was answered."""
+        message: dict[str, Any] = {}
+        try:
+            message = self._parse(payload)
+            self._check(topic, message)
+            outcome = self._apply(message)
+        except Refused as exc:
+            outcome = Outcome(False, str(exc))
+        if outcome.ok:
+            self.applied += 1
+            log.info("downlink: %s applied (version %s)", message.get("type"), message.get("version"))
+        else:
+            self.refused += 1
+            self.last_refusal = outcome.reason
+            log.warning("downlink: refused a message on %s: %s", topic, outcome.reason)
+        self._answer(message, outcome)
+        return outcome
+
+    def _parse(self, payload: bytes) -> dict[str, Any]:
+        try:
+            message = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise Refused("not a JSON document") from None
+        if not isinstance(message, dict):
+            raise Refused("not a JSON object")
+        return message
+
+    def _check(self, topic: str, message: dict[str, Any]) -> None:
+        if self.hub_key is None:
+            raise Refused("this gate has no hub public key (sync.hub_public_key), so it obeys no downlink")
+        try:
+            verify(self.hub_key, message)
+        except SignatureError as exc:
+            raise Refused(str(exc)) from None
+        problem = schema_problem(message)
+        if problem:
+            raise Refused(f"invalid message: {problem}")
+        if message["school"] != self.topics.school or message["device"] != self.topics.device:
+            raise Refused(f"addressed to {message['school']}/{message['device']}, not this gate")
+        kind = self.topics.downlink_kind(topic)
+        if kind != TOPIC_OF[message["type"]]:
+            raise Refused(f"a {message['type']} message on the {kind or topic} topic")
+        seen = self.conn.execute("SELECT 1 FROM downlink_seen WHERE nonce = ?", [message["nonce"]]).fetchone()
+        if seen:
+            raise Refused("replayed: this nonce was already used")
+        if message["type"] == "command" and self.clock_ok():
+            issued = datetime.fromisoformat(message["issued_at"].replace("Z", "+00:00"))
+            if issued.tzinfo is None or abs(datetime.now(UTC) - issued) > COMMAND_MAX_AGE:
+                raise Refused("stale command: issued more than 24 hours from this gate's clock")
+        stream = STREAM_OF.get(message["type"])
+        if stream is not None:
+            have = stream_version(self.conn, stream)
+            if message["version"] <= have:
+                raise Refused(f"stale: {stream} version {message['version']} is not newer than {have}")
+            if message["type"] == "roster.delta" and message["base_version"] != have:
+                raise Refused(
+                    f"out of order: delta is based on roster version {message['base_version']}, the gate has "
+                    f"{have}; send a snapshot"
+                )
+
+    def _bookkeeping(self, message: dict[str, Any]) -> Callable[[sqlite3.Connection], None]:
+        """Records the stream's new version and the nonce, inside the applying transaction."""
+
+        def record(conn: sqlite3.Connection) -> None:
+            stream = STREAM_OF.get(message["type"])
+            if stream is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    [f"downlink.{stream}", str(message["version"])],
+                )
+            now = datetime.now(UTC)
+            conn.execute(
+                "INSERT INTO downlink_seen(nonce, type, received_at) VALUES (?, ?, ?)",
+                [message["nonce"], message["type"], now.isoformat(timespec="seconds")],
+            )
+            conn.execute(
+                "DELETE FROM downlink_seen WHERE received_at < ?",
+                [(now - NONCE_RETENTION).isoformat(timespec="seconds")],
+            )
+
+        return record
+
+    def _in_transaction(self, work: Callable[[sqlite3.Connection], None]) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            work(self.conn)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    def _apply(self, message: dict[str, Any]) -> Outcome:
+        kind = message["type"]
+        body = message["body"]
+        record = self._bookkeeping(message)
+        if kind in ("roster.snapshot", "roster.delta"):
+            snapshot = kind == "roster.snapshot"
+            people = [_person(p) for p in body.get("people" if snapshot else "upsert", [])]
+            try:
+                report = RosterStore(self.database).apply(
+                    people, replace=snapshot, deactivate=body.get("deactivate", []), in_transaction=record
+                )
+            except ValueError as exc:
+                raise Refused(str(exc)) from None
+            detail = {"added": report.added, "updated": report.updated, "deactivated": len(report.deactivated)}
+            return Outcome(True, detail=detail)
+        if kind == "templates":
+            new = {person: _vectors(person, texts) for person, texts in body.get("set", {}).items()}
+            try:
+                sealer = Sealer.from_file(self.config.vision.key_file)
+            except Exception as exc:
+                raise Refused(f"cannot open the template key {self.config.vision.key_file}: {exc}") from None
+            written, erased = TemplateStore(self.database, sealer).replace_many(
+                body["model"], new, body.get("remove", []), in_transaction=record
+            )
+            if self.hooks.templates_changed is not None:
+                self.hooks.templates_changed()
+            return Outcome(True, detail={"templates": written, "people_erased": erased})
+        if kind == "config":
+            return self._apply_config(body, record)
+        return self._command(body, record)
+
+    def _apply_config(self, body: dict[str, Any], record: Callable[[sqlite3.Connection], None]) -> Outcome:
+        sections = {**hub_config_sections(self.conn), **body}
+        try:
+            new_config = overlay(self.config, sections)
+        except ConfigError as exc:
+            raise Refused(f"config not valid: {exc}") from None
+
+        def store(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('hub_config', ?)",
+                [json.dumps(sections, ensure_ascii=False, sort_keys=True)],
+            )
+            record(conn)
+
+        self._in_transaction(store)
+        self.config = new_config
+        if self.hooks.config_changed is not None:
+            self.hooks.config_changed(new_config)
+        return Outcome(True, detail={"sections": sorted(body)})
+
+    def _command(self, body: dict[str, Any], record: Callable[[sqlite3.Connection], None]) -> Outcome:
+        name = body["name"]
+        if name == "resync":
+            if self.hooks.resync is None:
+                raise Refused("command resync is not available on this gate")
+            self._in_transaction(record)
+            count = self.hooks.resync(body["from_seq"])
+            return Outcome(True, detail={"from_seq": body["from_seq"], "events": count})
+        hook = self.hooks.reload if name == "reload" else self.hooks.rotate_logs
+        if hook is None:
+            raise Refused(f"command {name} is not available on this gate")
+        self._in_transaction(record)
+        return Outcome(True, detail={"done": hook()})
+
+    def _answer(self, message: dict[str, Any], outcome: Outcome) -> None:
+        result = {
+            "schema": RESULT_SCHEMA,
+            "device": self.topics.device,
+            "ref": message.get("nonce") if isinstance(message.get("nonce"), str) else None,
+            "type": message.get("type") if isinstance(message.get("type"), str) else None,
+            "version": message.get("version") if isinstance(message.get("version"), int) else None,
+            "ok": outcome.ok,
+            "reason": outcome.reason,
+            "detail": outcome.detail,
+            "ts": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        data = json.dumps(result, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        self.publish(self.topics.result, data)
