@@ -190,6 +190,11 @@ class VisionConfig(_Section):
     model with ``edugate bench accuracy`` (the threshold at FAR 1e-3 on your data); the default
     sits between the worst genuine pair (0.56) and the best impostor pair (0.28) of SFace on the
     test photos, above OpenCV's published 0.363 because a gate compares against everyone (1:N).
+
+    ``pack`` picks the models: ``"default"`` is YuNet + SFace as ``edugate models install`` put them
+    in ``models_dir``; ``"insightface"`` is an InsightFace pack folder (buffalo_l, antelopev2 ...)
+    that IT copied into ``insightface_dir``. Templates are stored per recognizer, so switching packs
+    means enrolling again (and calibrating ``match_threshold`` for the new model).
     """
 
     enabled: bool = Field(False, description="load the models and use the camera at the gate")
@@ -217,6 +222,33 @@ class VisionConfig(_Section):
         min_length=1,
         description="execution providers in order of preference; missing ones fall back to cpu with a warning",
     )
+    pack: Literal["default", "insightface"] = Field(
+        "default", description='"default" (YuNet + SFace in models_dir) or "insightface" (a pack in insightface_dir)'
+    )
+    insightface_dir: Path | None = Field(
+        None, description='with pack = "insightface": the folder of the pack IT copied in, e.g. .../buffalo_l'
+    )
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _known_pack(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("default", "insightface"):
+            raise ValueError(
+                f'unknown pack {value!r}: use "default" (YuNet + SFace from `edugate models install`) '
+                'or "insightface" with insightface_dir = the folder holding the pack\'s .onnx files'
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _pack_has_its_folder(self) -> VisionConfig:
+        if self.pack == "insightface" and self.insightface_dir is None:
+            raise ValueError(
+                'pack = "insightface" needs insightface_dir, the folder IT copied the pack into '
+                "(e.g. /var/lib/edugate/insightface/buffalo_l)"
+            )
+        if self.pack == "default" and self.insightface_dir is not None:
+            raise ValueError('insightface_dir is used only with pack = "insightface"; set pack or remove the key')
+        return self
 
 
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}

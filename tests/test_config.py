@@ -110,3 +110,33 @@ def test_config_check_cli_exit_code_and_one_line_error(tmp_path: Path) -> None:
     assert result.stderr.startswith("edugate: error: ")
     assert "journal.retention_days" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_vision_pack_default_and_insightface(tmp_path: Path) -> None:
+    assert (GateConfig().vision.pack, GateConfig().vision.insightface_dir) == ("default", None)
+    path = _write(
+        tmp_path, '[vision]\npack = "insightface"\ninsightface_dir = "/var/lib/edugate/insightface/buffalo_l"\n'
+    )
+    vision = load_config(path).vision
+    assert vision.pack == "insightface" and vision.insightface_dir == Path("/var/lib/edugate/insightface/buffalo_l")
+
+
+@pytest.mark.parametrize(
+    ("vision", "message"),
+    [
+        (
+            'pack = "buffalo_l"',
+            "vision.pack: unknown pack 'buffalo_l': use \"default\" (YuNet + SFace from `edugate models install`) "
+            'or "insightface" with insightface_dir',
+        ),
+        ("pack = 2", "vision.pack: Input should be 'default' or 'insightface' (got 2)"),
+        ('pack = "insightface"', 'vision: pack = "insightface" needs insightface_dir, the folder IT copied'),
+        ('insightface_dir = "/x/buffalo_l"', 'vision: insightface_dir is used only with pack = "insightface"'),
+    ],
+)
+def test_vision_pack_errors_say_what_to_write(tmp_path: Path, vision: str, message: str) -> None:
+    path = _write(tmp_path, f"[vision]\n{vision}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert message in str(caught.value) and "\n" not in str(caught.value)

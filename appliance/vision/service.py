@@ -12,20 +12,20 @@ from appliance.journal.template_store import TemplateStore
 from appliance.vision.engine import FaceEngine
 from appliance.vision.enroll import Enroller
 from appliance.vision.gallery import Gallery
-from appliance.vision.models import ModelPack
+from appliance.vision.models import FacePack, load_pack
 from appliance.vision.quality import QualityRules
 
 log = logging.getLogger(__name__)
 
 
 class FaceService:
-    def __init__(self, config: VisionConfig, database: Database, pack: ModelPack | None = None) -> None:
+    def __init__(self, config: VisionConfig, database: Database, pack: FacePack | None = None) -> None:
         self.config = config
-        self.pack = pack or ModelPack.from_config(config)
+        self.pack = pack or load_pack(config)
         rules = QualityRules(min_face_px=config.min_face_px, min_sharpness=config.min_sharpness, max_yaw=config.max_yaw)
         self.engine = FaceEngine(self.pack, rules, config.detect_score, config.detect_max_side)
         self.templates = TemplateStore(database, Sealer.from_file(config.key_file))
-        self.gallery = Gallery(config.match_threshold, config.match_margin)
+        self.gallery = Gallery(config.match_threshold, config.match_margin, dim=self.pack.embedding_size)
         self.roster = RosterStore(database)
         self._version = -1
         self.reload()
@@ -35,7 +35,7 @@ class FaceService:
         version = self.templates.version()
         if version == self._version:
             return False
-        gallery = Gallery(self.config.match_threshold, self.config.match_margin)
+        gallery = Gallery(self.config.match_threshold, self.config.match_margin, dim=self.pack.embedding_size)
         for person, rows in self.templates.load(self.engine.model_name).items():
             gallery.add(person, rows)
         self.gallery = gallery
