@@ -86,11 +86,13 @@ class RosterStore:
         people: list[Person],
         replace: bool,
         deactivate: Sequence[str] = (),
+        move_cards: bool = False,
         in_transaction: Callable[[sqlite3.Connection], None] | None = None,
     ) -> ApplyReport:
         """Write the people in one transaction.
 
-        ``deactivate``: ids to deactivate besides (a hub's roster delta). ``in_transaction`` runs
+        ``deactivate``: ids to deactivate besides, and ``move_cards``: a card held by someone outside
+        the list goes to its new holder (both for a hub's roster delta, which is authoritative). ``in_transaction`` runs
         inside the same transaction before the commit (the hub's version bookkeeping), so the
         change and its record land together or not at all.
 
@@ -109,7 +111,7 @@ class RosterStore:
             for uid, owner in owners.items():
                 if owner in incoming:
                     continue
-                if not replace:
+                if not (replace or move_cards):
                     raise ValueError(f"card {uid} already belongs to {owner}, who is not in this file")
                 new_owner = next(p.id for p in people if uid in p.cards)
                 report.cards_moved.append((uid, owner, new_owner))

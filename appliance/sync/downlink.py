@@ -15,6 +15,7 @@ import binascii
 import json
 import logging
 import queue
+import secrets
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -77,6 +78,31 @@ def schema_problem(message: dict[str, Any]) -> str | None:
         return None
     where = "/".join(str(p) for p in error.absolute_path) or "(message)"
     return f"{where}: {error.message}"
+
+
+def new_message(
+    kind: str,
+    school: str,
+    device: str,
+    body: dict[str, Any],
+    version: int | None = None,
+    base_version: int | None = None,
+) -> dict[str, Any]:
+    """An unsigned downlink envelope with a fresh nonce (the hub signs it with signing.sign)."""
+    message: dict[str, Any] = {
+        "schema": 1,
+        "type": kind,
+        "school": school,
+        "device": device,
+        "nonce": secrets.token_hex(16),
+        "issued_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "body": body,
+    }
+    if version is not None:
+        message["version"] = version
+    if base_version is not None:
+        message["base_version"] = base_version
+    return message
 
 
 def stream_version(conn: sqlite3.Connection, stream: str) -> int:
@@ -298,7 +324,11 @@ class Downlink:
             people = [_person(p) for p in body.get("people" if snapshot else "upsert", [])]
             try:
                 report = RosterStore(self.database).apply(
-                    people, replace=snapshot, deactivate=body.get("deactivate", []), in_transaction=record
+                    people,
+                    replace=snapshot,
+                    deactivate=body.get("deactivate", []),
+                    move_cards=True,
+                    in_transaction=record,
                 )
             except ValueError as exc:
                 raise Refused(str(exc)) from None

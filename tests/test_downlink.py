@@ -1,0 +1,265 @@
+"""Hub -> gate messages checked and applied against a real journal database (no broker needed here).
+
+What a school relies on: only the hub's signed, well-formed, fresh messages change the gate, each
+one wholly; anything else is refused with a reason and changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from appliance.config import GateConfig, parse_config
+from appliance.journal.db import open_database
+from appliance.journal.roster_store import RosterStore
+from appliance.journal.sealing import Sealer
+from appliance.journal.template_store import TemplateStore
+from appliance.sync.downlink import Downlink, Hooks, downlink_schema, new_message, overlay, stream_version
+from appliance.sync.signing import canonical, parse_public_key, public_key_text, sign
+from appliance.sync.topics import Topics
+
+SCHOOL, DEVICE = "thcs-a", "gate-01"
+TOPICS = Topics("edugate", SCHOOL, DEVICE)
+RESULT_SCHEMA = json.loads((Path(__file__).parent.parent / "appliance/schema/result.schema.json").read_text())
+
+
+def person(pid: str, name: str, cards: list[str], role: str = "student", **extra: Any) -> dict[str, Any]:
+    return {"id": pid, "full_name": name, "role": role, "class_name": "6A", "cards": cards, **extra}
+
+
+class Hub:
+    """Signs messages the way the hub does."""
+
+    def __init__(self) -> None:
+        self.key = Ed25519PrivateKey.generate()
+
+    def message(self, kind: str, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        return sign(self.key, new_message(kind, SCHOOL, DEVICE, body, **kw))
+
+
+@pytest.fixture
+def hub() -> Hub:
+    return Hub()
+
+
+@pytest.fixture
+def gate(tmp_path: Path, hub: Hub) -> Any:
+    config = parse_config(
+        {
+            "device": {"id": DEVICE, "school": SCHOOL},
+            "journal": {"path": str(tmp_path / "journal.db")},
+            "vision": {"key_file": str(tmp_path / "templates.key")},
+        }
+    )
+    database = open_database(config.journal.path)
+    results: list[dict[str, Any]] = []
+    calls: dict[str, list[Any]] = {"config": [], "resync": [], "reload": []}
+    hooks = Hooks(
+        config_changed=lambda c: calls["config"].append(c),
+        resync=lambda seq: calls["resync"].append(seq) or 7,
+        reload=lambda: calls["reload"].append(True) or "reloaded",
+    )
+    downlink = Downlink(
+        TOPICS,
+        database,
+        hub.key.public_key(),
+        config,
+        publish=lambda topic, data: results.append({"topic": topic, **json.loads(data)}),
+        hooks=hooks,
+    )
+    downlink.results = results
+    downlink.calls = calls
+    yield downlink
+    database.close()
+
+
+def send(gate: Downlink, message: dict[str, Any] | bytes, kind: str | None = None) -> dict[str, Any]:
+    payload = message if isinstance(message, bytes) else json.dumps(message).encode()
+    topic_kind = kind or (message["type"].split(".")[0] if isinstance(message, dict) else "roster")
+    outcome = gate.handle(TOPICS.downlink_topic(topic_kind), payload)
+    result = dict(gate.results[-1])
+    assert result.pop("topic") == TOPICS.result
+    jsonschema.validate(result, RESULT_SCHEMA)
+    assert result["ok"] is outcome.ok
+    return result
+
+
+def roster(gate: Downlink) -> dict[str, tuple[bool, tuple[str, ...]]]:
+    return {p.id: (p.active, p.cards) for p in RosterStore(gate.database).all()}
+
+
+def test_signed_snapshot_then_delta_are_applied(gate: Downlink, hub: Hub) -> None:
+    snapshot = hub.message(
+        "roster.snapshot",
+        {"people": [person("HS1", "Nguyễn Văn An", ["04A1B2C3"]), person("HS2", "Trần Thị Bình", ["04D4E5F6"])]},
+        version=1,
+    )
+    result = send(gate, snapshot)
+    assert result["ok"], result
+    assert result["ref"] == snapshot["nonce"] and result["detail"]["added"] == 2
+    assert roster(gate) == {"HS1": (True, ("04A1B2C3",)), "HS2": (True, ("04D4E5F6",))}
+    assert RosterStore(gate.database).by_card("04A1B2C3").full_name == "Nguyễn Văn An"
+
+    delta = hub.message(
+        "roster.delta",
+        {"upsert": [person("HS3", "Lê Văn Cường", ["04D4E5F6"])], "deactivate": ["HS2"]},
+        version=2,
+        base_version=1,
+    )
+    assert send(gate, delta)["ok"]
+    assert roster(gate)["HS2"][0] is False
+    assert RosterStore(gate.database).by_card("04D4E5F6").id == "HS3"  # the card moved with the delta
+    assert stream_version(gate.conn, "roster") == 2
+
+
+def refused_unchanged(gate: Downlink, message: dict[str, Any] | bytes, reason: str, kind: str | None = None) -> None:
+    before = roster(gate)
+    version = stream_version(gate.conn, "roster")
+    result = send(gate, message, kind)
+    assert not result["ok"]
+    assert reason in result["reason"], result["reason"]
+    assert roster(gate) == before
+    assert stream_version(gate.conn, "roster") == version
+
+
+@pytest.fixture
+def seeded(gate: Downlink, hub: Hub) -> Downlink:
+    assert send(gate, hub.message("roster.snapshot", {"people": [person("HS1", "An", ["04A1B2C3"])]}, version=3))["ok"]
+    return gate
+
+
+def test_tampered_message_is_refused(seeded: Downlink, hub: Hub) -> None:
+    message = hub.message(
+        "roster.delta", {"upsert": [person("HS9", "Mallory", ["0BADCAFE"])]}, version=4, base_version=3
+    )
+    message["body"]["upsert"][0]["cards"] = ["04A1B2C3"]  # after signing
+    refused_unchanged(seeded, message, "signature does not match")
+
+
+def test_message_signed_by_another_key_is_refused(seeded: Downlink) -> None:
+    impostor = Hub()
+    message = impostor.message("roster.snapshot", {"people": []}, version=9)
+    refused_unchanged(seeded, message, "signature does not match")
+
+
+def test_unsigned_message_is_refused(seeded: Downlink) -> None:
+    message = new_message("roster.snapshot", SCHOOL, DEVICE, {"people": []}, version=9)
+    refused_unchanged(seeded, message, "not signed")
+
+
+def test_signed_but_invalid_message_is_refused(seeded: Downlink, hub: Hub) -> None:
+    bad_person = {"id": "HS5", "role": "student"}  # no full_name
+    message = hub.message("roster.delta", {"upsert": [bad_person]}, version=4, base_version=3)
+    refused_unchanged(seeded, message, "invalid message")
+    lower_case_card = hub.message("roster.delta", {"upsert": [person("HS5", "B", ["04a1"])]}, version=4, base_version=3)
+    refused_unchanged(seeded, lower_case_card, "invalid message")
+
+
+def test_stale_version_and_out_of_order_delta_are_refused(seeded: Downlink, hub: Hub) -> None:
+    refused_unchanged(seeded, hub.message("roster.snapshot", {"people": []}, version=3), "stale")
+    refused_unchanged(seeded, hub.message("roster.snapshot", {"people": []}, version=2), "stale")
+    gap = hub.message("roster.delta", {"deactivate": ["HS1"]}, version=6, base_version=5)
+    refused_unchanged(seeded, gap, "out of order")
+
+
+def test_replayed_nonce_is_refused(gate: Downlink, hub: Hub) -> None:
+    command = hub.message("command", {"name": "resync", "from_seq": 5})
+    assert send(gate, command)["ok"]
+    assert gate.calls["resync"] == [5]
+    refused_unchanged(gate, command, "replayed")
+    assert gate.calls["resync"] == [5]
+
+
+def test_message_for_another_gate_or_topic_is_refused(seeded: Downlink, hub: Hub) -> None:
+    other = sign(hub.key, new_message("roster.snapshot", SCHOOL, "gate-02", {"people": []}, version=10))
+    refused_unchanged(seeded, other, "not this gate")
+    wrong_topic = hub.message("roster.snapshot", {"people": []}, version=10)
+    refused_unchanged(seeded, wrong_topic, "on the command topic", kind="command")
+
+
+def test_garbage_is_refused_with_a_reason(seeded: Downlink) -> None:
+    refused_unchanged(seeded, b"\xff\xfe not json", "not a JSON document")
+    refused_unchanged(seeded, b"[1, 2]", "not a JSON object")
+    assert seeded.results[-1]["ref"] is None
+
+
+def test_gate_without_hub_key_obeys_nothing(gate: Downlink, hub: Hub) -> None:
+    gate.hub_key = None
+    refused_unchanged(gate, hub.message("roster.snapshot", {"people": []}, version=1), "no hub public key")
+
+
+def test_templates_are_sealed_and_replace_a_persons_rows(gate: Downlink, hub: Hub, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    first = rng.standard_normal((2, 128)).astype("<f4")
+    second = rng.standard_normal((1, 128)).astype("<f4")
+
+    def b64(rows: np.ndarray) -> list[str]:
+        return [base64.b64encode(r.tobytes()).decode() for r in rows]
+
+    assert send(gate, hub.message("templates", {"model": "m1", "set": {"HS1": b64(first)}}, version=1))["ok"]
+    assert send(gate, hub.message("templates", {"model": "m1", "set": {"HS1": b64(second)}}, version=2))["ok"]
+    store = TemplateStore(gate.database, Sealer.from_file(tmp_path / "templates.key"))
+    loaded = store.load("m1")
+    np.testing.assert_array_equal(loaded["HS1"], second)  # replaced, not appended
+    raw = gate.conn.execute("SELECT sealed FROM templates").fetchone()[0]
+    assert second.tobytes() not in raw  # encrypted at rest
+
+    nan = np.full((1, 128), np.nan, dtype="<f4")
+    result = send(gate, hub.message("templates", {"model": "m1", "set": {"HS2": b64(nan)}}, version=3))
+    assert not result["ok"] and "NaN" in result["reason"]
+    assert set(store.load("m1")) == {"HS1"}
+    assert send(gate, hub.message("templates", {"model": "m1", "remove": ["HS1"]}, version=3))["ok"]
+    assert store.load("m1") == {}
+
+
+def test_config_section_is_validated_applied_and_kept(gate: Downlink, hub: Hub) -> None:
+    policy = {
+        "debounce_seconds": 5,
+        "student": {"arrival_window": ["06:00", "08:00"], "departure_window": ["10:00", "18:00"], "start": "07:30"},
+    }
+    assert send(gate, hub.message("config", {"policy": policy}, version=1))["ok"]
+    (changed,) = gate.calls["config"]
+    assert changed.policy.debounce_seconds == 5 and changed.policy.student.start.hour == 7
+    assert changed.device.id == DEVICE  # other sections untouched
+    # An invalid section is refused and leaves the kept overlay as it was.
+    broken = {**policy, "student": {**policy["student"], "start": "25:00"}}
+    result = send(gate, hub.message("config", {"policy": broken}, version=2))
+    assert not result["ok"] and "policy.student.start" in result["reason"]
+    assert len(gate.calls["config"]) == 1
+    # The hub may not move a gate to another broker or journal.
+    result = send(gate, hub.message("config", {"sync": {"host": "evil.example"}}, version=2))
+    assert not result["ok"] and "invalid message" in result["reason"]
+    # What was applied is laid over gate.toml again at the next start.
+    from appliance.sync.downlink import hub_config_sections
+
+    restarted = overlay(GateConfig(device={"id": DEVICE, "school": SCHOOL}), hub_config_sections(gate.conn))
+    assert restarted.policy.debounce_seconds == 5
+
+
+def test_old_commands_are_refused_when_the_clock_is_good(gate: Downlink, hub: Hub) -> None:
+    old = new_message("command", SCHOOL, DEVICE, {"name": "reload"})
+    old["issued_at"] = (datetime.now(UTC) - timedelta(days=2)).isoformat(timespec="seconds")
+    result = send(gate, sign(hub.key, old))
+    assert not result["ok"] and "stale command" in result["reason"]
+    assert gate.calls["reload"] == []
+    assert send(gate, hub.message("command", {"name": "reload"}))["ok"]
+    assert gate.calls["reload"] == [True]
+
+
+def test_signature_covers_canonical_json_and_keys_round_trip(hub: Hub) -> None:
+    message = hub.message("command", {"name": "reload"})
+    reordered = json.loads(json.dumps(message, indent=3, sort_keys=False))
+    assert canonical(reordered) == canonical(message)
+    key = parse_public_key(public_key_text(hub.key.public_key()))
+    from appliance.sync.signing import verify
+
+    verify(key, reordered)
+    jsonschema.validate(message, downlink_schema())
