@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 # insightface declares opencv-python (the GUI build) as a dependency, which would replace the headless cv2
 # this project uses; so insightface goes in without its dependencies and the `insightface` extra brings the
 # ones its import needs (scipy, scikit-image, requests).
-INSTALL_HINT = 'pip install "edugate[insightface]" && pip install --no-deps "insightface>=2.1,<2.2"'
+INSTALL_HINT = (
+    'from the edugate checkout: pip install ".[insightface]" && pip install --no-deps "insightface>=2.1,<2.2"'
+)
 DETECTOR_EXAMPLES = "det_10g.onnx, det_500m.onnx or scrfd_10g_bnkps.onnx"
 RECOGNIZER_EXAMPLES = "w600k_r50.onnx, w600k_mbf.onnx or glintr100.onnx"
 _SCRFD_OUTPUTS_WITH_KEYPOINTS = (9, 15)
