@@ -56,6 +56,48 @@ def test_verify_and_remove() -> None:
     assert not gallery.match(vector).accepted
 
 
+def test_removal_keeps_everyone_else_and_their_templates() -> None:
+    gallery = Gallery(threshold=0.5, margin=0.05)
+    people = {f"P{i}": unit() for i in range(200)}
+    counts = {person: 1 + i % 3 for i, person in enumerate(people)}
+    for person, vector in people.items():
+        gallery.add(person, np.vstack([near(vector, 0.05) for _ in range(counts[person])]))
+    gallery.add("P3", near(people["P3"], 0.05))  # more templates later: still one person
+    counts["P3"] += 1
+    assert gallery.people == 200 and len(gallery) == sum(counts.values())
+
+    for gone in ("P0", "P57", "P199", "P3"):  # first, middle, last, and one added twice
+        before = len(gallery)
+        assert gallery.remove(gone) and gone not in gallery and not gallery.remove(gone)
+        assert len(gallery) == before - counts.pop(gone)
+        assert gallery.match(people[gone]).person != gone
+    assert gallery.people == 196
+    for person, vector in people.items():
+        if person in counts:
+            result = gallery.match(near(vector, 0.05))
+            assert result.accepted and result.person == person, person
+            assert gallery.verify(person, vector) > 0.8
+            assert len(gallery.templates(person)) == counts[person]  # type: ignore[arg-type]
+
+    gallery.add("P57", people["P57"])  # enrolled again after an erasure
+    assert gallery.match(people["P57"]).person == "P57" and len(gallery.templates("P57")) == 1  # type: ignore[arg-type]
+
+
+def test_templates_are_held_once_and_given_out_as_copies() -> None:
+    gallery = Gallery(threshold=0.5, margin=0.05)
+    rows = unit(3)
+    gallery.add("A", rows)
+    gallery.add("B", unit(2))
+    copy = gallery.templates("A")
+    np.testing.assert_allclose(copy, rows, atol=1e-6)  # type: ignore[arg-type]
+    copy[:] = 0  # type: ignore[index]
+    assert gallery.verify("A", rows[0]) == pytest.approx(1.0, abs=1e-5)
+    # The matrix that matching reads is the only copy: a view of the gallery's one buffer.
+    assert gallery._matrix.shape == (5, 128) and np.shares_memory(gallery._matrix, gallery._rows)
+    gallery.add("C", np.zeros((0, 128)))  # nothing to add: nobody enrolled
+    assert "C" not in gallery and gallery.people == 2
+
+
 def test_wrong_dimension_refused() -> None:
     with pytest.raises(ValueError, match="512 values"):
         Gallery(0.5, 0.05).add("A", unit(dim=512))

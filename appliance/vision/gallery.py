@@ -32,76 +32,110 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 class Gallery:
-    """Several templates per person; the stacked matrix is rebuilt lazily after changes."""
+    """Several templates per person, held once: one float32 matrix whose rows are every template.
+
+    A daemon holds the whole school in memory, so templates are kept only in the matrix that matching reads
+    (not also per person): rows are appended to a buffer that grows by doubling (pages not yet written are
+    not resident), and a removed person's rows are dropped by compacting the buffer with a mask. Removal is
+    rare (erasure on request) and costs one pass over the rows.
+
+    Not safe for a write during a read from another thread: the daemon builds a new gallery and swaps it in.
+    """
 
     def __init__(self, threshold: float, margin: float, dim: int = 128) -> None:
         self.threshold = threshold
         self.margin = margin
         self.dim = dim
-        self._templates: dict[str, np.ndarray] = {}
-        self._matrix = np.zeros((0, dim), dtype=np.float32)
-        self._owners = np.zeros(0, dtype=np.int32)
+        self._rows = np.zeros((0, dim), dtype=np.float32)  # capacity; the first ``_count`` rows are used
+        self._row_owners = np.zeros(0, dtype=np.int32)
+        self._count = 0
         self._people: list[str] = []
-        self._dirty = False
+        self._index: dict[str, int] = {}
+
+    @property
+    def _matrix(self) -> np.ndarray:
+        """Every template, one row each (a view: the memory ``match`` reads)."""
+        return self._rows[: self._count]
+
+    @property
+    def _owners(self) -> np.ndarray:
+        """For every row of ``_matrix``, the index of its person in ``_people``."""
+        return self._row_owners[: self._count]
 
     def __len__(self) -> int:
-        return sum(len(t) for t in self._templates.values())
+        return self._count
 
     @property
     def people(self) -> int:
-        return len(self._templates)
+        return len(self._people)
 
     def __contains__(self, person: str) -> bool:
-        return person in self._templates
+        return person in self._index
 
     def add(self, person: str, embeddings: np.ndarray) -> None:
         rows = normalise(embeddings)
         if rows.shape[1] != self.dim:
             raise ValueError(f"template has {rows.shape[1]} values, this model makes {self.dim}")
-        old = self._templates.get(person)
-        self._templates[person] = rows if old is None else np.vstack([old, rows])
-        self._dirty = True
+        if not len(rows):
+            return
+        owner = self._index.get(person)
+        if owner is None:
+            owner = self._index[person] = len(self._people)
+            self._people.append(person)
+        end = self._count + len(rows)
+        if end > len(self._rows):
+            self._grow(end)
+        self._rows[self._count : end] = rows
+        self._row_owners[self._count : end] = owner
+        self._count = end
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * len(self._rows), 64)
+        rows = np.empty((capacity, self.dim), dtype=np.float32)
+        owners = np.empty(capacity, dtype=np.int32)
+        rows[: self._count] = self._matrix
+        owners[: self._count] = self._owners
+        self._rows, self._row_owners = rows, owners
 
     def remove(self, person: str) -> bool:
-        found = self._templates.pop(person, None) is not None
-        self._dirty = self._dirty or found
-        return found
+        owner = self._index.pop(person, None)
+        if owner is None:
+            return False
+        keep = self._owners != owner
+        kept = int(keep.sum())
+        self._rows[:kept] = self._matrix[keep]
+        owners = self._owners[keep]
+        self._row_owners[:kept] = np.where(owners > owner, owners - 1, owners)
+        self._count = kept
+        del self._people[owner]
+        for name in self._people[owner:]:
+            self._index[name] -= 1
+        return True
 
     def templates(self, person: str) -> np.ndarray | None:
-        return self._templates.get(person)
-
-    def _rebuild(self) -> None:
-        self._people = list(self._templates)
-        if self._people:
-            self._matrix = np.ascontiguousarray(np.vstack([self._templates[p] for p in self._people]))
-            self._owners = np.repeat(
-                np.arange(len(self._people), dtype=np.int32), [len(self._templates[p]) for p in self._people]
-            )
-        else:
-            self._matrix = np.zeros((0, self.dim), dtype=np.float32)
-            self._owners = np.zeros(0, dtype=np.int32)
-        self._dirty = False
+        """A copy of the person's templates (rows), or None if not enrolled."""
+        owner = self._index.get(person)
+        return None if owner is None else self._matrix[self._owners == owner]
 
     def match(self, embedding: np.ndarray) -> MatchResult:
         """1:N: who is this face, if anyone."""
-        if self._dirty:
-            self._rebuild()
-        if not self._people:
+        if not self._count:
             return MatchResult(None, -1.0, None, -1.0, False)
+        owners = self._owners
         scores = self._matrix @ normalise(embedding)[0]
         best = int(np.argmax(scores))
-        owner = self._owners[best]
+        owner = owners[best]
         best_score = float(scores[best])
-        others = np.where(self._owners == owner, -2.0, scores)
+        others = np.where(owners == owner, -2.0, scores)
         second = int(np.argmax(others))
         second_score = float(others[second]) if others[second] > -2.0 else -1.0
-        runner_up = self._people[self._owners[second]] if second_score > -1.0 else None
+        runner_up = self._people[owners[second]] if second_score > -1.0 else None
         accepted = best_score >= self.threshold and best_score - max(second_score, -1.0) >= self.margin
         return MatchResult(self._people[owner], best_score, runner_up, second_score, accepted)
 
     def verify(self, person: str, embedding: np.ndarray) -> float | None:
         """1:1: how well the face matches this person's best template (None if not enrolled)."""
-        rows = self._templates.get(person)
+        rows = self.templates(person)
         if rows is None:
             return None
         return float(np.max(rows @ normalise(embedding)[0]))
