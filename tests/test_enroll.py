@@ -173,3 +173,14 @@ def test_grayscale_and_rgba_photos_are_usable(tmp_path: Path, pack: ModelPack) -
     for image in (grey_image, rgba_image):
         observations = engine.observe(image)
         assert len(observations) == 1 and observations[0].embedding is not None
+
+
+def test_enrolling_again_from_the_kept_photos_folder(gate: Path, tmp_path: Path) -> None:
+    """With keep_photos on, the kept folder is a valid source (e.g. after a model change); nothing is copied twice."""
+    kept = tmp_path / "photos"
+    gate.write_text(gate.read_text() + f'keep_photos = true\nphotos_dir = "{kept}"\n')
+    assert edugate(gate, "enroll", "joe_biden", "--photos", str(photo("joe_biden", 1))).returncode == 0
+    result = edugate(gate, "enroll", "joe_biden", "--photos", str(kept / "joe_biden"))
+    assert result.returncode == 0, result.stderr
+    assert "joe_biden: 1 template(s) enrolled" in result.stdout
+    assert [p.name for p in (kept / "joe_biden").iterdir()] == [photo("joe_biden", 1).name]

@@ -115,6 +115,8 @@ class Enroller:
         target.mkdir(parents=True, exist_ok=True, mode=0o700)
         for path in files:
             copy = target / path.name
+            if copy.exists() and copy.samefile(path):
+                continue  # enrolled again from the kept photos themselves
             shutil.copyfile(path, copy)
             os.chmod(copy, 0o600)
 
