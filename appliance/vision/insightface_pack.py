@@ -76,8 +76,8 @@ def _first_line(exc: BaseException) -> str:
 def get_model(path: Path, threads: int, providers: list[str], cache_dir: Path) -> Any:
     """``model_zoo.get_model`` on one file with this project's session settings (threads, no spinning ...).
 
-    ``static_shape_sessions=False`` keeps SCRFD on the one session created here instead of a second,
-    fixed-size session per input size (the same speed on the CPU, twice the memory).
+    ``static_shape_sessions=False`` keeps SCRFD on the one session created here, with these settings;
+    insightface 2.1 would otherwise build one more fixed-size session per input size (more memory).
     """
     zoo = model_zoo()
     try:
