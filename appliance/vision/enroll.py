@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from appliance.journal.roster_store import RosterStore
@@ -65,18 +66,37 @@ class Enroller:
         self.roster = roster
         self.keep_photos_dir = keep_photos_dir
 
-    def enroll_images(self, person_id: str, images: Iterable[tuple[str, np.ndarray]]) -> EnrollReport:
-        """Add templates from (label, BGR image) pairs; refuses photos one by one, never the whole person."""
+    def check_person(self, person_id: str) -> None:
+        """Refuse an unknown id before anyone stands in front of a camera or photos are read."""
         if self.roster.get(person_id) is None:
             raise EnrollError(f"{person_id}: not on the roster; import the roster first (edugate roster import)")
-        report = EnrollReport(person_id)
-        accepted = []
+
+    def enroll_images(self, person_id: str, images: Iterable[tuple[str, np.ndarray]]) -> EnrollReport:
+        """Add templates from (label, BGR image) pairs; refuses photos one by one, never the whole person."""
+        self.check_person(person_id)
+        refused: list[tuple[str, str]] = []
+        accepted: list[tuple[str, np.ndarray]] = []
         for label, image in images:
             try:
-                embedding = embedding_of_photo(self.engine, image, label)
+                accepted.append((label, embedding_of_photo(self.engine, image, label)))
             except ImageError as exc:
-                report.refused.append((label, str(exc).removeprefix(f"{label}: ")))
-                continue
+                refused.append((label, str(exc).removeprefix(f"{label}: ")))
+        if refused:
+            log.info("refused %d photo(s)", len(refused))
+        report = self.enroll_embeddings(person_id, accepted)
+        report.refused = refused
+        return report
+
+    def enroll_embeddings(self, person_id: str, embeddings: Iterable[tuple[str, np.ndarray]]) -> EnrollReport:
+        """Store already checked (label, embedding) pairs: the step photos and camera frames share.
+
+        Each face is compared with the gallery first, so a face that already belongs to someone else
+        is reported as a duplicate (it is still enrolled: the operator decides).
+        """
+        self.check_person(person_id)
+        report = EnrollReport(person_id)
+        accepted = []
+        for label, embedding in embeddings:
             match = self.gallery.match(embedding)
             if match.person is not None and match.person != person_id and match.score >= self.gallery.threshold:
                 report.duplicates.append((label, match.person, match.score))
@@ -86,7 +106,7 @@ class Enroller:
             self.templates.add(person_id, self.engine.model_name, rows)
             self.gallery.add(person_id, rows)
             report.added = len(accepted)
-        log.info("enrolled %d template(s), refused %d photo(s)", report.added, len(report.refused))
+        log.info("enrolled %d template(s), %d duplicate warning(s)", report.added, len(report.duplicates))
         return report
 
     def enroll_files(self, person_id: str, paths: list[Path]) -> EnrollReport:
@@ -119,6 +139,25 @@ class Enroller:
                 continue  # enrolled again from the kept photos themselves
             shutil.copyfile(path, copy)
             os.chmod(copy, 0o600)
+
+    def keep_images(self, person_id: str, images: Iterable[tuple[str, np.ndarray]]) -> list[Path]:
+        """Keep camera images (name, BGR) as JPEG files readable by the service user only; only when configured."""
+        if self.keep_photos_dir is None:
+            return []
+        target = self.keep_photos_dir / person_id
+        target.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kept = []
+        for name, image in images:
+            ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            if not ok:
+                raise ImageError(f"{name}: cannot encode as JPEG")
+            path = target / f"{name}.jpg"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as file:
+                file.write(data.tobytes())
+            kept.append(path)
+        return kept
 
     def enroll_folder(
         self, folder: Path, progress: Callable[[str], None] | None = None
