@@ -64,7 +64,7 @@ def gate(tmp_path: Path, hub: Hub) -> Any:
     calls: dict[str, list[Any]] = {"config": [], "resync": [], "reload": []}
     hooks = Hooks(
         config_changed=lambda c: calls["config"].append(c),
-        resync=lambda seq: calls["resync"].append(seq) or 7,
+        resync=lambda first, last: calls["resync"].append(first) or 7,
         reload=lambda: calls["reload"].append(True) or "reloaded",
     )
     downlink = Downlink(

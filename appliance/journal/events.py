@@ -99,11 +99,12 @@ class EventJournal:
                 raise
             self._conn.commit()
 
-    def mark_unsynced(self, from_seq: int) -> int:
-        """Send events from ``from_seq`` on again (the hub asked for a resync); how many were reset."""
+    def mark_unsynced(self, from_seq: int, to_seq: int | None = None) -> int:
+        """Send events ``from_seq``..``to_seq`` again (the hub asked for a resync); how many were reset."""
         with self._lock:
             cur = self._conn.execute(
-                "UPDATE events SET synced_at = NULL WHERE seq >= ? AND synced_at IS NOT NULL", [from_seq]
+                "UPDATE events SET synced_at = NULL WHERE seq BETWEEN ? AND ? AND synced_at IS NOT NULL",
+                [from_seq, to_seq if to_seq is not None else 2**62],
             )
         return cur.rowcount
 

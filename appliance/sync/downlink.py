@@ -162,7 +162,7 @@ class Hooks:
 
     config_changed: Callable[[GateConfig], None] | None = None
     reload: Callable[[], str] | None = None
-    resync: Callable[[int], int] | None = None
+    resync: Callable[[int, int | None], int] | None = None
     rotate_logs: Callable[[], str] | None = None
     templates_changed: Callable[[], None] | None = None
 
@@ -376,8 +376,8 @@ class Downlink:
             if self.hooks.resync is None:
                 raise Refused("command resync is not available on this gate")
             self._in_transaction(record)
-            count = self.hooks.resync(body["from_seq"])
-            return Outcome(True, detail={"from_seq": body["from_seq"], "events": count})
+            count = self.hooks.resync(body["from_seq"], body.get("to_seq"))
+            return Outcome(True, detail={"from_seq": body["from_seq"], "to_seq": body.get("to_seq"), "events": count})
         hook = self.hooks.reload if name == "reload" else self.hooks.rotate_logs
         if hook is None:
             raise Refused(f"command {name} is not available on this gate")

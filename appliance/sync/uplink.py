@@ -86,10 +86,10 @@ class Uplink:
                 log.info("sync: the broker had no session for this gate; in-flight events are sent again")
         self._wake.set()
 
-    def resync(self, from_seq: int) -> int:
-        """Send again every event from ``from_seq`` (the hub lost them); returns how many."""
+    def resync(self, from_seq: int, to_seq: int | None = None) -> int:
+        """Send events ``from_seq``..``to_seq`` again (the hub lost them); returns how many."""
         self._flush_acks()
-        count = self.journal.mark_unsynced(from_seq)
+        count = self.journal.mark_unsynced(from_seq, to_seq)
         with self._lock:
             self._next_seq = 0
         self._wake.set()

@@ -1,0 +1,375 @@
+"""The gate daemon syncing to a real Mosquitto (TLS, passwords, the production ACL) through faults.
+
+Every event journalled must reach the hub, in seq order, whatever the broker, the network or the
+gate process does; duplicates are allowed only for what was in flight. Every published message is
+checked against the JSON Schemas kept in the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import jsonschema
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from daemon_harness import DaemonProcess, send_taps, write_config
+from mqtt_broker import BROKER_USERS, Broker, MqttPeer, Pki, Subscriber, TcpProxy
+
+from appliance.events import EventDraft, Kind, Method, event_schema
+from appliance.journal import EventJournal, open_database
+from appliance.journal.events import journal_stats
+from appliance.journal.roster_store import RosterStore
+from appliance.status import read_status, status_path
+from appliance.sync.downlink import new_message
+from appliance.sync.signing import public_key_text, sign
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "appliance" / "schema"
+STATUS_SCHEMA = json.loads((SCHEMAS / "status.schema.json").read_text())
+RESULT_SCHEMA = json.loads((SCHEMAS / "result.schema.json").read_text())
+DEVICE, SCHOOL = "gate-01", "test-school"
+BASE = f"edugate/{SCHOOL}/{DEVICE}"
+WINDOW = 200
+# A plain (not shared) subscription: Mosquitto queues it in a persistent session while the hub is away.
+HUB = ("edugate/+/+/events", "edugate/+/+/status", "edugate/+/+/result")
+ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
+
+
+class Gate:
+    """A configured gate: its files, its daemon and what the hub stand-in received from it."""
+
+    def __init__(self, tmp_path: Path, broker: Broker, pki: Pki, **sync: Any) -> None:
+        self.dir = tmp_path
+        self.journal = tmp_path / "journal.db"
+        self.lane = tmp_path / "lane.sock"
+        self.hub_key = Ed25519PrivateKey.generate()
+        password = tmp_path / "mqtt.password"
+        password.write_text(sync.pop("password", BROKER_USERS[DEVICE]) + "\n")
+        password.chmod(0o600)
+        settings: dict[str, Any] = {
+            "enabled": True,
+            "host": broker.host,
+            "port": broker.port,
+            "tls": True,
+            "ca_file": str(pki.ca),
+            "username": DEVICE,
+            "password_file": str(password),
+            "keepalive": 2,
+            "status_interval": 1,
+            "backoff_min": 0.2,
+            "backoff_max": 1.0,
+            "window": WINDOW,
+            "hub_public_key": public_key_text(self.hub_key.public_key()),
+        }
+        settings.update(sync)
+        self.config = write_config(
+            tmp_path / "gate.toml",
+            self.journal,
+            [{"name": "lane", "type": "socket", "path": str(self.lane)}],
+            sync=settings,
+        )
+        self.config.write_text(self.config.read_text().replace('id = "gate-test"', f'id = "{DEVICE}"'))
+        self.config.write_text(self.config.read_text().replace('school = "test-school"', f'school = "{SCHOOL}"'))
+        self.daemon: DaemonProcess | None = None
+
+    def start(self) -> DaemonProcess:
+        self.daemon = DaemonProcess(self.config).start()
+        return self.daemon
+
+    def prefill(self, count: int) -> None:
+        """``count`` journalled events, as if the gate had been offline for a long time."""
+        database = open_database(self.journal, writer=True)
+        journal = EventJournal(database, DEVICE)
+        for i in range(count):
+            ts = datetime.now(ZONE).isoformat(timespec="seconds")
+            journal.append(EventDraft(Kind.UNKNOWN_CARD, ts, True, Method.CARD, reader="lane", card_uid=f"{i:08X}"))
+        database.close()
+
+    def stats(self) -> Any:
+        database = open_database(self.journal, readonly=True)
+        try:
+            return journal_stats(database)
+        finally:
+            database.close()
+
+    def sync_status(self) -> dict[str, Any]:
+        status = read_status(status_path(self.journal)) or {}
+        return status.get("sync") or {}
+
+    def wait(self, predicate: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out: {what}; sync status {self.sync_status()}")
+            time.sleep(0.05)
+
+    def command(self, hub: MqttPeer, kind: str, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        message = sign(self.hub_key, new_message(kind, SCHOOL, DEVICE, body, **kw))
+        hub.publish(f"{BASE}/downlink/{kind.split('.')[0]}", json.dumps(message).encode())
+        return message
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+
+
+@pytest.fixture
+def gate_factory(tmp_path: Path, pki: Pki) -> Any:
+    made: list[Gate] = []
+
+    def make(broker: Broker, name: str = "gate", **sync: Any) -> Gate:
+        folder = tmp_path / name
+        folder.mkdir()
+        gate = Gate(folder, broker, pki, **sync)
+        made.append(gate)
+        return gate
+
+    yield make
+    for gate in made:
+        gate.stop()
+
+
+def events_of(hub: Subscriber) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in hub.messages("/events")]
+
+
+def seqs_of(hub: Subscriber) -> list[int]:
+    return [e["seq"] for e in events_of(hub)]
+
+
+def wait_all(hub: Subscriber, count: int, timeout: float) -> list[int]:
+    hub.wait_for(lambda _: len(set(seqs_of(hub))) >= count, timeout)
+    return seqs_of(hub)
+
+
+def assert_valid(hub: Subscriber) -> None:
+    for event in events_of(hub):
+        jsonschema.validate(event, event_schema())
+    for message in hub.messages("/status"):
+        jsonschema.validate(json.loads(message.payload), STATUS_SCHEMA)
+    for message in hub.messages("/result"):
+        jsonschema.validate(json.loads(message.payload), RESULT_SCHEMA)
+
+
+def in_order_per_delivery(seqs: list[int]) -> bool:
+    """Seq order holds except where a resend restarts from an earlier seq (a duplicate run)."""
+    seen: set[int] = set()
+    highest = 0
+    for seq in seqs:
+        if seq not in seen and seq < highest:
+            return False  # a new event overtook an older one that had not arrived yet
+        seen.add(seq)
+        highest = max(highest, seq)
+    return True
+
+
+def test_taps_made_offline_arrive_in_order_when_the_broker_returns(
+    broker: Broker, subscriber_factory: Any, gate_factory: Any
+) -> None:
+    hub = subscriber_factory(HUB, persistent=True, session_expiry=600)
+    gate = gate_factory(broker)
+    broker.stop()  # clean stop: the hub's session is saved and waits for it
+    daemon = gate.start()
+    send_taps(gate.lane, [f"0A{i:06X}" for i in range(30)])
+    gate.wait(lambda: gate.stats().events == 30, 20, "30 events journalled offline")
+    gate.wait(lambda: "connection refused" in (gate.sync_status().get("last_error") or ""), 15, "link reported down")
+    assert gate.sync_status()["state"] in ("offline", "connecting")
+    assert gate.stats().unsynced == 30
+
+    broker.start()
+    seqs = wait_all(hub, 30, 30)
+    assert seqs[:30] == list(range(1, 31)), seqs
+    gate.wait(lambda: gate.stats().unsynced == 0, 10, "all marked synced")
+    hub.wait_for(lambda _: any(json.loads(m.payload).get("backlog") == 0 for m in hub.messages("/status")), 10)
+    assert_valid(hub)
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def missing(seqs: list[int], total: int) -> list[tuple[int, int]]:
+    """Ranges of seqs the hub has not received, as a hub computes them from its per-device record."""
+    have = set(seqs)
+    ranges: list[tuple[int, int]] = []
+    for seq in range(1, total + 1):
+        if seq in have:
+            continue
+        if ranges and ranges[-1][1] == seq - 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    return ranges
+
+
+def test_broker_killed_mid_drain_loses_nothing(broker_factory: Any, subscriber_factory: Any, gate_factory: Any) -> None:
+    """A broker crash can drop what it had acknowledged but not yet delivered or saved; the hub sees the
+    gap in seq and asks for exactly that range again, so in the end nothing is lost."""
+    total = 10_000
+    # Production autosaves every 60 s, long after the hub subscribed; 1 s gives the same state here.
+    broker = broker_factory(settings={"autosave_interval": "1"}, verbose=False)
+    hub = subscriber_factory(HUB, broker=broker, persistent=True, session_expiry=600)
+    time.sleep(1.5)  # the hub's session is in the broker's last autosave, as it would be in a school
+    gate = gate_factory(broker)
+    gate.prefill(total)
+    gate.start()
+    hub.wait_for(lambda _: len(hub.messages("/events")) >= 2_000, 60)
+    broker.kill()
+    time.sleep(0.5)
+    broker.start()
+    gate.wait(lambda: gate.stats().unsynced == 0, 120, "every event acknowledged by the broker")
+    time.sleep(1.0)
+    seqs = seqs_of(hub)
+    resent = 0
+    sender = MqttPeer(broker, "hub", BROKER_USERS["hub"])
+    sender.connect()
+    try:
+        for first, last in missing(seqs, total):
+            resent += last - first + 1
+            gate.command(sender, "command", {"name": "resync", "from_seq": first, "to_seq": last})
+    finally:
+        sender.close()
+    seqs = wait_all(hub, total, 60)
+    assert set(seqs) == set(range(1, total + 1))
+    duplicates = sum(n - 1 for n in Counter(seqs).values())
+    assert duplicates <= 2 * WINDOW, f"{duplicates} duplicates: more than what was in flight"
+    print(f"broker crash: {resent} acknowledged events resent on the hub's request, {duplicates} duplicates")
+    gate.wait(lambda: gate.stats().unsynced == 0, 20, "all marked synced")
+    assert_valid(hub)
+
+
+def test_gate_killed_mid_drain_resumes_where_it_stopped(
+    broker: Broker, subscriber_factory: Any, gate_factory: Any
+) -> None:
+    total = 10_000
+    hub = subscriber_factory(HUB, persistent=True, session_expiry=600)
+    gate = gate_factory(broker)
+    gate.prefill(total)
+    daemon = gate.start()
+    hub.wait_for(lambda _: len(hub.messages("/events")) >= 3_000, 60)
+    daemon.kill()
+    synced_before_restart = total - gate.stats().unsynced
+    assert 0 < synced_before_restart < total
+    gate.start()
+    seqs = wait_all(hub, total, 120)
+    assert set(seqs) == set(range(1, total + 1))
+    duplicates = sum(n - 1 for n in Counter(seqs).values())
+    assert duplicates <= 2 * WINDOW, f"{duplicates} duplicates after a restart"
+    assert in_order_per_delivery(seqs)
+    gate.wait(lambda: gate.stats().unsynced == 0, 20, "all marked synced")
+
+
+def test_half_open_network_is_noticed_by_keepalive_and_recovered(
+    broker: Broker, subscriber_factory: Any, gate_factory: Any
+) -> None:
+    hub = subscriber_factory(HUB, persistent=True, session_expiry=600)
+    proxy = TcpProxy(broker.host, broker.port)
+    try:
+        host, port = proxy.address
+        gate = gate_factory(broker, host=host, port=port)
+        daemon = gate.start()
+        send_taps(gate.lane, [f"0B{i:06X}" for i in range(5)])
+        wait_all(hub, 5, 20)
+        gate.wait(lambda: gate.sync_status().get("state") == "online", 10, "online")
+
+        proxy.blackhole()  # packets vanish; no FIN, no RST: only keepalive can tell
+        send_taps(gate.lane, [f"0C{i:06X}" for i in range(5)])
+        gate.wait(lambda: gate.stats().events == 10, 10, "taps journalled during the partition")
+        gate.wait(lambda: gate.sync_status().get("state") != "online", 15, "partition noticed")
+        assert gate.stats().unsynced >= 5
+
+        proxy.resume()
+        seqs = wait_all(hub, 10, 40)
+        assert set(seqs) == set(range(1, 11)) and in_order_per_delivery(seqs)
+        gate.wait(lambda: gate.sync_status().get("connects", 0) >= 2, 10, "reconnected")
+        assert daemon.proc is not None and daemon.proc.poll() is None  # no restart was needed
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("fault", ["wrong password", "wrong CA", "expired certificate"])
+def test_bad_credentials_give_a_clear_status_and_the_journal_keeps_buffering(
+    fault: str, broker_factory: Any, pki: Pki, gate_factory: Any
+) -> None:
+    if fault == "expired certificate":
+        broker = broker_factory(require_certificate=True)
+        cert, key = pki.client_cert(DEVICE, expired=True)
+        gate = gate_factory(broker, cert_file=str(cert), key_file=str(key))
+        expected = "expired"
+    elif fault == "wrong CA":
+        broker = broker_factory()
+        gate = gate_factory(broker, ca_file=str(pki.wrong_ca))
+        expected = "not trusted by sync.ca_file"
+    else:
+        broker = broker_factory()
+        gate = gate_factory(broker, password="not-the-password")
+        expected = "refused the login"
+    daemon = gate.start()
+    send_taps(gate.lane, [f"0D{i:06X}" for i in range(3)])
+    gate.wait(lambda: gate.stats().events == 3, 10, "taps journalled")
+    gate.wait(lambda: expected in (gate.sync_status().get("last_error") or ""), 15, f"status says {expected!r}")
+    assert gate.sync_status()["state"] != "online"
+    assert gate.stats().unsynced == 3
+    time.sleep(1.5)  # several retries
+    errors = [line for line in daemon.stderr_lines if expected in line]
+    assert len(errors) == 1, "the cause is logged once, not at every retry"
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_status_is_retained_and_the_last_will_says_offline(
+    broker: Broker, subscriber_factory: Any, gate_factory: Any
+) -> None:
+    gate = gate_factory(broker)
+    daemon = gate.start()
+    gate.wait(lambda: gate.sync_status().get("state") == "online", 15, "online")
+    late = subscriber_factory(topics=[f"{BASE}/status"])  # subscribes after the fact: gets the retained one
+    late.wait_for(lambda m: any(json.loads(x.payload)["online"] for x in m), 5)
+    daemon.kill()
+    late.wait_for(lambda m: json.loads(m[-1].payload).get("reason") == "connection lost", 15)
+    assert_valid(late)
+
+
+def test_downlink_roster_delta_applies_and_forgeries_change_nothing(
+    broker: Broker, subscriber_factory: Any, gate_factory: Any
+) -> None:
+    hub = subscriber_factory(HUB)
+    sender = MqttPeer(broker, "hub", BROKER_USERS["hub"])
+    sender.connect()
+    try:
+        gate = gate_factory(broker)
+        gate.start()
+        gate.wait(lambda: gate.sync_status().get("state") == "online", 15, "online")
+        student = {
+            "id": "HS1",
+            "full_name": "Phạm Thu Hà",
+            "role": "student",
+            "class_name": "7B",
+            "cards": ["04AABBCC"],
+        }
+        snapshot = gate.command(sender, "roster.snapshot", {"people": [student]}, version=1)
+        hub.wait_for(lambda _: any(json.loads(m.payload)["ref"] == snapshot["nonce"] for m in hub.messages("/result")))
+
+        forged = new_message("roster.delta", SCHOOL, DEVICE, {"deactivate": ["HS1"]}, version=2, base_version=1)
+        forged = sign(Ed25519PrivateKey.generate(), forged)
+        sender.publish(f"{BASE}/downlink/roster", json.dumps(forged).encode())
+        stale = gate.command(sender, "roster.snapshot", {"people": []}, version=1)
+        bad = gate.command(sender, "roster.delta", {"upsert": [{"id": "HS2"}]}, version=2, base_version=1)
+        hub.wait_for(lambda _: len(hub.messages("/result")) >= 4, 10)
+        results = {json.loads(m.payload)["ref"]: json.loads(m.payload) for m in hub.messages("/result")}
+        assert results[snapshot["nonce"]]["ok"]
+        assert not results[forged["nonce"]]["ok"] and "signature" in results[forged["nonce"]]["reason"]
+        assert not results[stale["nonce"]]["ok"] and "stale" in results[stale["nonce"]]["reason"]
+        assert not results[bad["nonce"]]["ok"] and "invalid" in results[bad["nonce"]]["reason"]
+
+        database = open_database(gate.journal, readonly=True)
+        people = RosterStore(database).all()
+        database.close()
+        assert [(p.id, p.active, p.cards) for p in people] == [("HS1", True, ("04AABBCC",))]
+
+        send_taps(gate.lane, ["04AABBCC"])  # the card the hub sent now checks the student in
+        hub.wait_for(lambda _: any(e["person"] == "HS1" for e in events_of(hub)), 10)
+        assert_valid(hub)
+    finally:
+        sender.close()
