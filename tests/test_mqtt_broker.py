@@ -477,14 +477,21 @@ def test_provisioned_gate_connects_with_its_generated_files(broker_factory: Brok
     assert config.sync.password_file == out / "mqtt.password"
     assert config.sync.topic_prefix == "edugate"
 
+    hub_out = tmp_path / "hub"
+    _run(PROVISION, "--hub", "--out", hub_out, "--passwd-file", passwd, "--ca", ca_dir / "ca.pem")
+    assert not (hub_out / "sync.toml").exists()
+
     files = PkiFiles(ca=ca_dir / "ca.pem", server_cert=ca_dir / "server.pem", server_key=ca_dir / "server.key")
     broker = broker_factory(users={}, pki=files, start=False)
     broker.use_password_file(passwd)
     broker.start()
+    hub = Subscriber(broker, password=(hub_out / "mqtt.password").read_text(), ca=hub_out / "ca.pem")
     gate05 = MqttPeer(broker, "gate-05", password, ca=out / "ca.pem")
     gate05.connect()
-    assert accepted(gate05.publish("edugate/thcs-a/gate-05/events", b"hello"))
+    assert gate05.publish("edugate/thcs-a/gate-05/events", b"hello").value == 0
     assert gate05.publish(EVENTS_1, b"forged").value == NOT_AUTHORIZED
+    assert [m.payload for m in hub.wait_for(1)] == [b"hello"]
+    hub.close()
 
     # Provisioning again is refused; --force gives a new password and the old one stops working.
     again = _run(PROVISION, "gate-05", "--passwd-file", passwd, "--ca", ca_dir / "ca.pem", "--out", out, check=False)
