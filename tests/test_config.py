@@ -140,3 +140,19 @@ def test_vision_pack_errors_say_what_to_write(tmp_path: Path, vision: str, messa
         load_config(path)
     assert str(caught.value).startswith(f"{path}: ")
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_sync_refuses_plaintext_to_another_host_unless_allowed() -> None:
+    from appliance.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="plaintext"):
+        parse_config({"sync": {"enabled": True, "host": "10.0.0.5", "tls": False}})
+    allowed = parse_config({"sync": {"enabled": True, "host": "10.0.0.5", "tls": False, "allow_plaintext": True}})
+    assert allowed.sync.allow_plaintext
+    assert not parse_config({"sync": {"enabled": True, "host": "127.0.0.1", "tls": False}}).sync.tls
+    with pytest.raises(ConfigError, match="ca_file"):
+        parse_config({"sync": {"enabled": True, "host": "hub.local"}})
+    with pytest.raises(ConfigError, match="cert_file and key_file go together"):
+        parse_config({"sync": {"enabled": True, "ca_file": "/ca.pem", "cert_file": "/c.pem"}})
+    with pytest.raises(ConfigError, match=r"sync\.hostname: unknown key"):
+        parse_config({"sync": {"hostname": "x"}})

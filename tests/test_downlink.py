@@ -263,3 +263,29 @@ def test_signature_covers_canonical_json_and_keys_round_trip(hub: Hub) -> None:
 
     verify(key, reordered)
     jsonschema.validate(message, downlink_schema())
+
+
+def test_keygen_writes_a_private_key_and_the_public_half_gates_load(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+    from appliance.sync.signing import load_private_key, load_public_key, verify
+
+    key_file = tmp_path / "hub.key"
+    result = CliRunner().invoke(main, ["sync", "keygen", "--out", str(key_file)])
+    assert result.exit_code == 0, result.output
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    public = load_public_key(None, tmp_path / "hub.key.pub")
+    message = sign(load_private_key(key_file), new_message("command", SCHOOL, DEVICE, {"name": "reload"}))
+    verify(public, message)
+    again = CliRunner().invoke(main, ["sync", "keygen", "--out", str(key_file)])
+    assert again.exit_code == 1 and "refusing to overwrite" in again.output
+
+
+def test_unreadable_or_wrong_public_keys_are_named(tmp_path: Path) -> None:
+    from appliance.sync.signing import SigningKeyError, load_public_key
+
+    with pytest.raises(SigningKeyError, match=r"missing\.pub: cannot read"):
+        load_public_key(None, tmp_path / "missing.pub")
+    with pytest.raises(SigningKeyError, match="32 bytes"):
+        load_public_key(base64.b64encode(b"short").decode(), None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from appliance import __version__
-from appliance.cli import bench, enroll, gate, models, roster
+from appliance.cli import bench, enroll, gate, models, roster, sync
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,5 +29,6 @@ for command in (
     enroll.enroll,
     bench.bench,
     models.models,
+    sync.sync,
 ):
     main.add_command(command)

@@ -139,6 +139,11 @@ def status(config_path: Path, journal_path: Path | None, as_json: bool) -> None:
         problems.append(f"camera: {vision['camera'].get('state')} ({vision['camera'].get('detail')})")
     if running and daemon and daemon["journal"].get("last_error"):
         problems.append(f"journal: {daemon['journal']['last_error']}")
+    sync = daemon.get("sync") if running and daemon else None
+    if sync and sync.get("state") != "online":
+        problems.append(f"sync: {sync.get('state')} ({sync.get('last_error') or 'not connected yet'})")
+    if sync and sync.get("uplink_error"):
+        problems.append(f"sync: {sync['uplink_error']}")
     if as_json:
         click.echo(
             json.dumps(
@@ -151,6 +156,7 @@ def status(config_path: Path, journal_path: Path | None, as_json: bool) -> None:
                     "problems": problems,
                     "counters": daemon.get("counters") if daemon else None,
                     "vision": vision,
+                    "sync": sync,
                 },
                 ensure_ascii=False,
             )
@@ -166,6 +172,12 @@ def status(config_path: Path, journal_path: Path | None, as_json: bool) -> None:
             f"{journal['last_seq']}, {journal['unsynced']} unsynced"
             + (f" (oldest {journal['oldest_unsynced']})" if journal["oldest_unsynced"] else "")
         )
+        if sync:
+            since = f" since {sync['since']}" if sync.get("since") else ""
+            click.echo(
+                f"sync:     {sync.get('state')}{since}, broker {sync.get('broker')}, "
+                f"{sync.get('acknowledged', 0)} sent this run, {sync.get('inflight', 0)} in flight"
+            )
         click.echo(f"clock:    {'synchronised' if clock_ok else 'NOT synchronised'}")
         click.echo(f"disk:     {disk.free_mb} MB free of {disk.total_mb} MB{'  LOW' if disk.low else ''}")
         for problem in problems:
