@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from appliance.cli.common import config_option, fail, friendly_errors
-from appliance.config import load_config
+from appliance.config import VisionConfig, load_config
 
 
 @click.group()
@@ -174,4 +174,108 @@ def bench_accuracy(
     try:
         run_accuracy(dataset, pairs_file, threshold, margin, folds, vision)
     except (DatasetError, ModelError) as exc:
+        fail(str(exc))
+
+
+def _bench_vision(ctx: click.Context, config_path: Path, models_dir: Path | None) -> VisionConfig:
+    """The config's [vision] when a config is given or present, else the defaults; ``--models`` wins."""
+    explicit = ctx.get_parameter_source("config_path") not in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.DEFAULT_MAP,
+    )
+    vision = load_config(config_path).vision if explicit or config_path.exists() else VisionConfig()
+    if models_dir is not None:
+        vision = vision.model_copy(update={"models_dir": models_dir})
+    return vision
+
+
+_faces_option = click.option(
+    "--faces",
+    "faces_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="The test photos with their manifest.csv (default: ../shared/data/faces beside the checkout).",
+)
+_models_option = click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Installed model pack (default: vision.models_dir of the config).",
+)
+
+
+@bench.command("face")
+@click.option(
+    "--max-side",
+    type=click.IntRange(160, 4096),
+    default=None,
+    help="Frame size for the pipeline's detection (default: vision.detect_max_side, 640).",
+)
+@click.option(
+    "--people",
+    type=click.IntRange(1, 8),
+    default=5,
+    show_default=True,
+    help="Enrolled people walking past (a stranger walks too).",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=5),
+    default=None,
+    help="Length of the video (default: a walk, a gap and a second of empty scene per person, ~6.5 s each).",
+)
+@click.option("--threads", type=click.IntRange(1, 64), default=None, help="onnxruntime threads (default: config).")
+@click.option(
+    "--walk-speed",
+    type=click.FloatRange(100, 3000),
+    default=560,
+    show_default=True,
+    help="How fast people cross the 1280 px frame, in px/s (faces are 100-140 px wide).",
+)
+@click.option(
+    "--gallery",
+    "gallery_size",
+    type=click.IntRange(min=1),
+    default=5000,
+    show_default=True,
+    help="People in the gallery: the walkers plus random unit vectors (matching cost grows with it).",
+)
+@_faces_option
+@_models_option
+@config_option
+@click.pass_context
+@friendly_errors
+def bench_face(
+    ctx: click.Context,
+    max_side: int | None,
+    people: int,
+    seconds: float | None,
+    threads: int | None,
+    walk_speed: float,
+    gallery_size: int,
+    faces_dir: Path | None,
+    models_dir: Path | None,
+    config_path: Path,
+) -> None:
+    """The gate's face pipeline vs a naive one (full-size detection, every face embedded every frame) on a
+    walk-past video made from the test photos: per-stage latency, frames/s, and whether both decide alike."""
+    from appliance.bench.face import DEFAULT_FACES, VideoError
+    from appliance.bench.face import run as run_face
+    from appliance.vision.images import ImageError
+    from appliance.vision.models import ModelError
+
+    vision = _bench_vision(ctx, config_path, models_dir)
+    try:
+        run_face(
+            faces_dir or DEFAULT_FACES,
+            vision,
+            max_side or vision.detect_max_side,
+            people,
+            seconds,
+            threads or vision.intra_op_threads,
+            gallery_size,
+            walk_speed,
+        )
+    except (VideoError, ImageError, ModelError) as exc:
         fail(str(exc))
