@@ -119,3 +119,33 @@ def test_bench_face_without_the_photos(models_dir: Path, tmp_path: Path) -> None
     proc = edugate(["bench", "face", "--models", str(models_dir), "--faces", str(tmp_path)], expect=1)
     assert proc.stderr.startswith("edugate: error: ") and "manifest.csv: no such file" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+# -------------------------------------------------------------------------------------------------- memory
+
+
+def test_bench_memory_measures_the_daemon_beside_its_baselines(models_dir: Path) -> None:
+    args = ["bench", "memory", "--models", str(models_dir), "--faces", str(FACES), "--people", "200", "--seconds", "2"]
+    lines = json_lines(edugate(args).stdout)
+    assert all(item["bench"] == "memory" for item in lines)
+    bare, empty, ours, summary = lines
+    assert bare["process"] == "bare imports" and bare["imports"] == "import numpy, onnxruntime, cv2"
+    assert (empty["people"], empty["templates"]) == (0, 0)
+    assert (ours["people"], ours["templates"]) == (200, 600) and ours["journal_mb"] > empty["journal_mb"]
+    for item in (bare, empty, ours):
+        assert 0 < item["vm_rss_mb"] <= item["vm_rss_max_mb"] <= item["vm_hwm_mb"]
+        assert item["samples"] >= 2
+    for item in (empty, ours):
+        # Measured while it worked: the camera's video went through the pipeline and a face was embedded.
+        assert item["pipeline"]["frames"] > 0 and item["pipeline"]["embeddings"] >= 1
+        # Models and sessions loaded: far above the bare imports.
+        assert item["vm_rss_mb"] > bare["vm_rss_mb"] + 50
+    # 600 templates are 0.3 MB: the two daemons differ by noise only (page and allocator luck), not by tens of MB.
+    assert abs(ours["vm_rss_mb"] - empty["vm_rss_mb"]) < 30
+
+    assert summary["people"] == 200 and summary["templates_per_person"] == 3
+    assert summary["rss_mb"] == ours["vm_rss_mb"] and summary["hwm_mb"] == ours["vm_hwm_mb"]
+    assert summary["baseline_rss_mb"] == empty["vm_rss_mb"] and summary["bare_imports_rss_mb"] == bare["vm_rss_mb"]
+    assert summary["limit_mb"] == 300 and summary["within_limit"] == (ours["vm_hwm_mb"] <= 300)
+    assert summary["gallery_mb"] == round(ours["vm_rss_mb"] - empty["vm_rss_mb"], 1)
+    assert "random unit vectors" in summary["vectors"] and summary["cpu_count"] >= 1

@@ -279,3 +279,47 @@ def bench_face(
         )
     except (VideoError, ImageError, ModelError) as exc:
         fail(str(exc))
+
+
+@bench.command("memory")
+@click.option(
+    "--people",
+    type=click.IntRange(min=1),
+    default=5000,
+    show_default=True,
+    help="People on the roster with face templates.",
+)
+@click.option("--templates-per-person", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=1),
+    default=10,
+    show_default=True,
+    help="How long each daemon is sampled once it is ready and has embedded a face.",
+)
+@_faces_option
+@_models_option
+@config_option
+@click.pass_context
+@friendly_errors
+def bench_memory(
+    ctx: click.Context,
+    people: int,
+    templates_per_person: int,
+    seconds: float,
+    faces_dir: Path | None,
+    models_dir: Path | None,
+    config_path: Path,
+) -> None:
+    """Resident memory of a real `edugate run` with the face models loaded and PEOPLE enrolled, beside the same
+    daemon with nobody enrolled and a bare `import numpy, onnxruntime, cv2` (Linux: reads /proc/PID/status)."""
+    from appliance.bench.face import DEFAULT_FACES, VideoError
+    from appliance.bench.memory import MemoryBenchError
+    from appliance.bench.memory import run as run_memory
+    from appliance.vision.models import ModelError
+
+    vision = _bench_vision(ctx, config_path, models_dir)
+    try:
+        run_memory(faces_dir or DEFAULT_FACES, vision, people, templates_per_person, seconds)
+    except (MemoryBenchError, VideoError, ModelError) as exc:
+        fail(str(exc))
