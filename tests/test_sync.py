@@ -8,6 +8,7 @@ checked against the JSON Schemas kept in the repository.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections import Counter
 from datetime import datetime
@@ -373,3 +374,74 @@ def test_downlink_roster_delta_applies_and_forgeries_change_nothing(
         assert_valid(hub)
     finally:
         sender.close()
+
+
+def test_hub_config_change_applies_live_and_survives_a_restart(
+    broker: Broker, subscriber_factory: Any, gate_factory: Any
+) -> None:
+    hub = subscriber_factory(HUB)
+    sender = MqttPeer(broker, "hub", BROKER_USERS["hub"])
+    sender.connect()
+    try:
+        gate = gate_factory(broker)
+        daemon = gate.start()
+        gate.wait(lambda: gate.sync_status().get("state") == "online", 15, "online")
+        send_taps(gate.lane, ["0E000001", "0E000001"])  # debounce_seconds = 30 in gate.toml: one event
+        gate.wait(lambda: gate.stats().events == 1 and gate.stats().unsynced == 0, 10, "one event")
+        policy = {
+            "debounce_seconds": 0,
+            "student": {"arrival_window": ["00:00", "23:59"], "departure_window": ["00:00", "23:59"], "start": "23:59"},
+            "staff": {"arrival_window": ["00:00", "23:59"], "departure_window": ["00:00", "23:59"], "start": "23:59"},
+        }
+        change = gate.command(sender, "config", {"policy": policy}, version=1)
+        hub.wait_for(lambda _: any(json.loads(m.payload)["ref"] == change["nonce"] for m in hub.messages("/result")))
+        send_taps(gate.lane, ["0E000002", "0E000002"])
+        gate.wait(lambda: gate.stats().events == 3, 10, "no debounce any more: both taps recorded")
+
+        daemon.stop()
+        gate.start()  # the hub's section is laid over gate.toml again
+        send_taps(gate.lane, ["0E000003", "0E000003"])
+        gate.wait(lambda: gate.stats().events == 5, 10, "still no debounce after a restart")
+    finally:
+        sender.close()
+
+
+def test_sighup_rereads_gate_toml_without_a_restart(tmp_path: Path) -> None:
+    lane = tmp_path / "lane.sock"
+    config = write_config(
+        tmp_path / "gate.toml", tmp_path / "journal.db", [{"name": "lane", "type": "socket", "path": str(lane)}]
+    )
+    daemon = DaemonProcess(config).start()
+    try:
+        send_taps(lane, ["0F000001", "0F000001"])
+        database_path = tmp_path / "journal.db"
+
+        def events() -> int:
+            database = open_database(database_path, readonly=True)
+            try:
+                return journal_stats(database).events
+            finally:
+                database.close()
+
+        deadline = time.monotonic() + 10
+        while events() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        config.write_text(config.read_text().replace("debounce_seconds = 30", "debounce_seconds = 0"))
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for(lambda: any("SIGHUP: policy and feedback reloaded" in line for line in daemon.stderr_lines), 10)
+        send_taps(lane, ["0F000002", "0F000002"])
+        deadline = time.monotonic() + 10
+        while events() < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert events() == 3
+        assert daemon.proc.pid == pid and daemon.proc.poll() is None
+        config.write_text(config.read_text().replace("debounce_seconds = 0", "debounce_seconds = -1"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for(
+            lambda: any("reload refused, keeping the running config" in line for line in daemon.stderr_lines), 10
+        )
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.stop()
