@@ -274,7 +274,9 @@ class SyncConfig(_Section):
     topic_prefix: str = Field("edugate", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     client_id: str | None = Field(None, description="MQTT client id; default edugate-<device id>")
     keepalive: int = Field(30, ge=2, le=3600, description="seconds; a silent broker is dropped after ~1.5x this")
-    window: int = Field(500, ge=1, le=65535, description="events published but not yet acknowledged, at most")
+    window: int = Field(
+        100, ge=1, le=65535, description="events published but not yet acknowledged (the broker may cap it)"
+    )
     batch: int = Field(500, ge=1, le=10000, description="events read from the journal at a time while draining")
     status_interval: float = Field(30.0, ge=1, le=3600, description="seconds between retained status messages")
     backoff_min: float = Field(1.0, gt=0, le=60, description="first reconnect delay (seconds)")

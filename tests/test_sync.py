@@ -445,3 +445,19 @@ def test_sighup_rereads_gate_toml_without_a_restart(tmp_path: Path) -> None:
         assert daemon.proc.poll() is None
     finally:
         daemon.stop()
+
+
+def test_events_nobody_subscribed_to_stay_in_the_journal_until_the_hub_is_there(
+    broker: Broker, subscriber_factory: Any, gate_factory: Any
+) -> None:
+    """Mosquitto answers PUBACK 16 "no matching subscribers" and drops the message: not delivered."""
+    gate = gate_factory(broker)
+    gate.start()
+    send_taps(gate.lane, [f"10{i:06X}" for i in range(5)])
+    gate.wait(lambda: "hub is not subscribed" in (gate.sync_status().get("uplink_error") or ""), 15, "told why")
+    assert gate.stats().unsynced == 5
+    hub = subscriber_factory(HUB, persistent=True, session_expiry=600)
+    seqs = wait_all(hub, 5, 20)
+    assert sorted(set(seqs)) == [1, 2, 3, 4, 5]
+    gate.wait(lambda: gate.stats().unsynced == 0, 10, "synced once the hub is subscribed")
+    gate.wait(lambda: not gate.sync_status().get("uplink_error"), 10, "error cleared")

@@ -36,6 +36,8 @@ from appliance.config import SyncConfig
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "EDUGATE_MQTT_PASSWORD"
+NO_MATCHING_SUBSCRIBERS = 0x10
+NO_SUBSCRIBERS = "no subscriber: the broker dropped it because the hub is not subscribed"
 
 
 class TransportConfigError(Exception):
@@ -301,8 +303,15 @@ class MqttTransport:
             self._report(f"the broker disconnected this gate ({reason})")
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
-        if self.on_ack is not None:
-            self.on_ack(mid, str(reason) if reason.is_failure else None)
+        if self.on_ack is None:
+            return
+        if reason.is_failure:
+            self.on_ack(mid, str(reason))
+        elif reason.value == NO_MATCHING_SUBSCRIBERS:
+            # A success code in MQTT 5, but the broker dropped the message: nobody (no hub) would get it.
+            self.on_ack(mid, NO_SUBSCRIBERS)
+        else:
+            self.on_ack(mid, None)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.on_message is not None:

@@ -20,13 +20,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.journal.events import EventJournal
-from appliance.sync.transport import MqttTransport
+from appliance.sync.transport import NO_SUBSCRIBERS, MqttTransport
 
 log = logging.getLogger(__name__)
 
 MARK_EVERY = 0.05  # seconds: acks are written to the journal at most this late...
 MARK_BATCH = 256  # ...or as soon as this many are waiting
 REJECTED_PAUSE = 30.0  # seconds before retrying events the broker refused (an ACL problem needs IT)
+NO_SUBSCRIBER_PAUSE = 5.0  # seconds before retrying events nobody was subscribed to (the hub is starting)
 
 
 class Uplink:
@@ -58,6 +59,7 @@ class Uplink:
         self.acked_total = 0
         self.last_synced_seq = 0
         self.last_error: str | None = None
+        self._logged_cause: str | None = None
 
     # -- called from other threads -------------------------------------------------------
     def wake(self) -> None:
@@ -65,18 +67,26 @@ class Uplink:
         self._wake.set()
 
     def on_ack(self, mid: int, error: str | None) -> None:
+        log_it = False
         with self._lock:
             seq = self._inflight.pop(mid, None)
             if seq is None:
                 return  # a status or result message, not an event
             if error is None:
                 self._acked.append(seq)
+                self.last_error = None
+                self._logged_cause = None
             else:
-                # The broker refused it (ACL): keep it unsynced and retry later from the first unsynced.
+                # Not delivered (refused by the ACL, or nobody subscribed): keep it unsynced, retry later.
                 self._next_seq = 0
-                self._paused_until = time.monotonic() + REJECTED_PAUSE
-                self.last_error = f"broker refused event seq {seq}: {error}; check the broker's ACL for this gate"
-        if error is not None:
+                if error == NO_SUBSCRIBERS:
+                    self._paused_until = time.monotonic() + NO_SUBSCRIBER_PAUSE
+                    self.last_error = f"event seq {seq} not delivered: {error}"
+                else:
+                    self._paused_until = time.monotonic() + REJECTED_PAUSE
+                    self.last_error = f"broker refused event seq {seq}: {error}; check the broker's ACL for this gate"
+                log_it, self._logged_cause = error != self._logged_cause, error
+        if log_it:
             log.error("sync: %s", self.last_error)
         self._wake.set()
 
