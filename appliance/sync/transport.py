@@ -31,7 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from appliance.config import SyncConfig
+from appliance.config import MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> 
     return rng.uniform(low, max(low, ceiling))
 
 
-def read_password(config: SyncConfig) -> str | None:
+def read_password(config: MqttLink) -> str | None:
     """The broker password from ``password_file`` or the environment (never from the config text)."""
     if config.password_file is not None:
         try:
@@ -82,14 +82,14 @@ def read_password(config: SyncConfig) -> str | None:
     return os.environ.get(PASSWORD_ENV) or None
 
 
-def _check_files(config: SyncConfig) -> None:
+def _check_files(config: MqttLink) -> None:
     for name in ("ca_file", "cert_file", "key_file"):
         path: Path | None = getattr(config, name)
         if path is not None and not os.access(path, os.R_OK):
             raise TransportConfigError(f"sync.{name} {path}: missing or not readable by this user")
 
 
-def client_certificate_expiry(config: SyncConfig) -> datetime | None:
+def client_certificate_expiry(config: MqttLink) -> datetime | None:
     """When the client certificate stops being valid (checked locally: brokers only say 'handshake failed')."""
     if config.cert_file is None:
         return None
@@ -102,7 +102,7 @@ def client_certificate_expiry(config: SyncConfig) -> datetime | None:
     return cert.not_valid_after_utc
 
 
-def describe_connect_error(exc: BaseException, config: SyncConfig) -> str:
+def describe_connect_error(exc: BaseException, config: MqttLink) -> str:
     """One line an IT person can act on, for the usual ways a connection fails."""
     where = f"{config.host}:{config.port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -141,7 +141,7 @@ class MqttTransport:
 
     def __init__(
         self,
-        config: SyncConfig,
+        config: MqttLink,
         client_id: str,
         username: str,
         will: tuple[str, bytes] | None = None,

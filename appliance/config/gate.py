@@ -1,53 +1,25 @@
-"""Validated configuration of a gate: loaded from TOML, checked before anything starts.
-
-Every section is a pydantic model that forbids unknown keys, so a typo in a school's
-``gate.toml`` is an error naming the file, the key and what is allowed, never a silently
-ignored setting.
-"""
+"""The gate's ``gate.toml``: validated sections, loaded and checked before anything starts."""
 
 from __future__ import annotations
 
-import re
-import tomllib
 from datetime import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from appliance.config.base import HHMM, NAME_PATTERN, MqttLink, Section, parse_hhmm, read_toml, validate
 from appliance.events import Direction
 
 DEFAULT_CONFIG_PATH = Path("/etc/edugate/gate.toml")
 
 UidFormat = Literal["hex", "hex_reversed", "dec10", "dec10_reversed"]
-_TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
 
-class ConfigError(Exception):
-    """A configuration that cannot be used; the message is meant for the school's IT person."""
-
-
-def parse_hhmm(value: Any) -> time:
-    """Parse "HH:MM" (24 h) into a time; TOML local times are accepted as they are."""
-    if isinstance(value, time):
-        return value
-    if not isinstance(value, str) or not _TIME_RE.match(value):
-        raise ValueError(f'must be a time as "HH:MM" (24-hour), got {value!r}')
-    hours, minutes = value.split(":")
-    return time(int(hours), int(minutes))
-
-
-HHMM = Annotated[time, Field(json_schema_extra={"format": "HH:MM"})]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DeviceConfig(_Section):
-    id: str = Field("gate-01", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    school: str = Field("school", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+class DeviceConfig(Section):
+    id: str = Field("gate-01", pattern=NAME_PATTERN)
+    school: str = Field("school", pattern=NAME_PATTERN)
     timezone: str = "Asia/Ho_Chi_Minh"
     language: Literal["vi", "en"] = "vi"
 
@@ -61,14 +33,14 @@ class DeviceConfig(_Section):
         return value
 
 
-class JournalConfig(_Section):
+class JournalConfig(Section):
     path: Path = Path("/var/lib/edugate/journal.db")
     retention_days: int = Field(30, ge=1, le=3650, description="synced events older than this are pruned")
     min_free_mb: int = Field(200, ge=1, description="below this much free disk, status and logs warn loudly")
 
 
-class ReaderConfig(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+class ReaderConfig(Section):
+    name: str = Field(pattern=NAME_PATTERN)
     type: Literal["pcsc", "wedge", "socket"]
     direction: Direction = Direction.AUTO
     match: str | None = Field(None, description="pcsc: text contained in the PC/SC reader name")
@@ -90,7 +62,7 @@ class ReaderConfig(_Section):
         return self.uid_format or ("dec10_reversed" if self.type == "wedge" else "hex")
 
 
-class RolePolicy(_Section):
+class RolePolicy(Section):
     arrival_window: tuple[HHMM, HHMM]
     departure_window: tuple[HHMM, HHMM]
     start: HHMM
@@ -120,7 +92,7 @@ def _staff_defaults() -> RolePolicy:
     return RolePolicy(arrival_window=("05:00", "11:00"), departure_window=("11:00", "21:00"), start="07:00")
 
 
-class PolicyConfig(_Section):
+class PolicyConfig(Section):
     debounce_seconds: float = Field(30.0, ge=0, le=3600)
     student: RolePolicy = Field(default_factory=_student_defaults)
     staff: RolePolicy = Field(default_factory=_staff_defaults)
@@ -136,30 +108,30 @@ class PolicyConfig(_Section):
         return {str(k): parse_hhmm(v) for k, v in value.items()}
 
 
-class SoundConfig(_Section):
+class SoundConfig(Section):
     command: list[str] = Field(default_factory=lambda: ["aplay", "-q"], min_length=1)
     speak: bool = Field(False, description="also speak the name with espeak-ng")
 
 
-class GpioConfig(_Section):
+class GpioConfig(Section):
     green_led: int | None = Field(17, ge=0, le=40)
     red_led: int | None = Field(27, ge=0, le=40)
     buzzer: int | None = Field(22, ge=0, le=40)
     on_seconds: float = Field(0.8, gt=0, le=10)
 
 
-class FeedbackConfig(_Section):
+class FeedbackConfig(Section):
     outputs: list[Literal["console", "sound", "gpio"]] = Field(default_factory=lambda: ["console"])
     show_names: bool = Field(True, description="show the person's name on the console at the gate")
     sound: SoundConfig = Field(default_factory=SoundConfig)
     gpio: GpioConfig = Field(default_factory=GpioConfig)
 
 
-class ClockConfig(_Section):
+class ClockConfig(Section):
     assume_synced: bool = Field(False, description="trust the clock without NTP (only with a battery-backed RTC)")
 
 
-class RosterColumns(_Section):
+class RosterColumns(Section):
     """Header names in the school's export, overriding the built-in Vietnamese/English aliases."""
 
     id: str | None = None
@@ -172,18 +144,18 @@ class RosterColumns(_Section):
     parent_email: str | None = None
 
 
-class RosterConfig(_Section):
+class RosterConfig(Section):
     card_format: Literal["auto", "hex", "hex_reversed", "dec10", "dec10_reversed"] = "auto"
     classes: list[str] = Field(default_factory=list, description="known classes; empty accepts any")
     columns: RosterColumns = Field(default_factory=RosterColumns)
     sheet: str | None = Field(None, description="XLSX sheet name; default the first sheet")
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-class VisionConfig(_Section):
+class VisionConfig(Section):
     """Face recognition: models, decision thresholds, quality gate, template storage.
 
     ``match_threshold`` is the cosine similarity a face needs to be identified; calibrate it per
@@ -251,63 +223,31 @@ class VisionConfig(_Section):
         return self
 
 
-_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
-
-
-class SyncConfig(_Section):
+class SyncConfig(MqttLink):
     """MQTT store-and-forward to the school hub (topics and payloads: README "Sync").
 
-    Secrets come from files (``password_file``) or the ``EDUGATE_MQTT_PASSWORD`` environment
-    variable, never from the config text itself, so the file can be shown to anyone.
+    The password may also come from the ``EDUGATE_MQTT_PASSWORD`` environment variable.
     """
 
     enabled: bool = Field(False, description="send journalled events to the hub and take its instructions")
-    host: str = Field("127.0.0.1", min_length=1, description="the school's MQTT broker")
-    port: int = Field(8883, ge=1, le=65535)
-    tls: bool = Field(True, description="TLS with the pinned ca_file; plaintext only to loopback or if allowed")
-    allow_plaintext: bool = Field(False, description="allow tls = false to a non-loopback broker (not advised)")
-    ca_file: Path | None = Field(None, description="the school CA that signed the broker's certificate (pinned)")
-    cert_file: Path | None = Field(None, description="client certificate, instead of or besides a password")
-    key_file: Path | None = Field(None, description="client certificate's private key")
     username: str | None = Field(None, description="broker user name; default: the device id")
-    password_file: Path | None = Field(None, description="file holding the broker password (mode 0600)")
-    topic_prefix: str = Field("edugate", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     client_id: str | None = Field(None, description="MQTT client id; default edugate-<device id>")
-    keepalive: int = Field(30, ge=2, le=3600, description="seconds; a silent broker is dropped after ~1.5x this")
-    window: int = Field(
-        100, ge=1, le=65535, description="events published but not yet acknowledged (the broker may cap it)"
-    )
     batch: int = Field(500, ge=1, le=10000, description="events read from the journal at a time while draining")
     status_interval: float = Field(30.0, ge=1, le=3600, description="seconds between retained status messages")
-    backoff_min: float = Field(1.0, gt=0, le=60, description="first reconnect delay (seconds)")
-    backoff_max: float = Field(60.0, gt=0, le=3600, description="reconnect delay ceiling (seconds)")
-    session_expiry: int = Field(7 * 24 * 3600, ge=0, description="seconds the broker keeps this gate's session")
     hub_public_key: str | None = Field(None, description="the hub's Ed25519 public key, base64 (32 bytes)")
     hub_public_key_file: Path | None = Field(None, description="or a file holding it (base64 or PEM)")
 
+    def link_active(self) -> bool:
+        return self.enabled
+
     @model_validator(mode="after")
-    def _safe_transport(self) -> SyncConfig:
-        if not self.enabled:
-            return self
-        if not self.tls and self.host.lower() not in _LOOPBACK_HOSTS and not self.allow_plaintext:
-            raise ValueError(
-                f"tls = false would send check-ins in plaintext to {self.host}; use TLS (tls = true, ca_file) "
-                "or set allow_plaintext = true if the network is private"
-            )
-        if self.tls and self.ca_file is None:
-            raise ValueError("tls = true needs ca_file (the school CA that signed the broker's certificate)")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        if self.cert_file is not None and not self.tls:
-            raise ValueError("client certificates need tls = true")
-        if self.backoff_max < self.backoff_min:
-            raise ValueError("backoff_max must be at least backoff_min")
+    def _one_hub_key(self) -> SyncConfig:
         if self.hub_public_key and self.hub_public_key_file:
             raise ValueError("give hub_public_key or hub_public_key_file, not both")
         return self
 
 
-class GateConfig(_Section):
+class GateConfig(Section):
     """The whole ``gate.toml``."""
 
     device: DeviceConfig = Field(default_factory=DeviceConfig)
@@ -334,64 +274,11 @@ class GateConfig(_Section):
         return ZoneInfo(self.device.timezone)
 
 
-def _describe_allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
-    """Allowed keys of the table that holds ``loc``'s last element (for unknown-key errors)."""
-    current: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        fields = getattr(current, "model_fields", {})
-        info = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
-        if info is None:
-            return ""
-        annotation = info.annotation
-        args = getattr(annotation, "__args__", ())
-        current = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if current is None:
-            return ""
-    keys = [f.alias or name for name, f in current.model_fields.items()]
-    return ", ".join(sorted(keys))
-
-
-def format_errors(source: str, error: ValidationError, model: type[BaseModel]) -> str:
-    """One line per problem: ``file: key.path: what is wrong (what is allowed)``."""
-    lines = []
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-        if item["type"] == "extra_forbidden":
-            allowed = _describe_allowed(model, loc)
-            message = f"unknown key; allowed here: {allowed}" if allowed else "unknown key"
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            if item["type"] not in {"value_error", "missing"} and "input" in item:
-                message += f" (got {item['input']!r})"
-        lines.append(f"{source}: {key or '(top level)'}: {message}")
-    return "\n".join(lines)
-
-
 def parse_config(data: dict[str, Any], source: str = "<config>") -> GateConfig:
     """Validate an already-parsed TOML document."""
-    try:
-        return GateConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_errors(source, exc, GateConfig)) from None
+    return validate(GateConfig, data, source)
 
 
 def load_config(path: Path) -> GateConfig:
     """Read and validate a gate.toml, with errors that name the file and the key."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: no such file (pass --config FILE or create it from config/gate.example.toml)"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, str(path))
+    return parse_config(read_toml(path, "config/gate.example.toml"), str(path))
