@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from appliance import __version__
-from appliance.cli import bench, enroll, gate, models, roster, sync
+from appliance.cli import bench, enroll, gate, hub, models, roster, sync
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,5 +30,6 @@ for command in (
     bench.bench,
     models.models,
     sync.sync,
+    hub.hub,
 ):
     main.add_command(command)

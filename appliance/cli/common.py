@@ -12,8 +12,13 @@ from typing import Any, TypeVar
 import click
 
 from appliance.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from appliance.hub.store import StoreError
 from appliance.journal import JournalError
 from appliance.roster.importer import RosterFileError
+from appliance.sync.signing import SigningKeyError
+from appliance.sync.transport import TransportConfigError
+
+KNOWN_ERRORS = (ConfigError, JournalError, RosterFileError, StoreError, SigningKeyError, TransportConfigError)
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_FAILED, EXIT_NOT_RUNNING = 1, 3
@@ -31,7 +36,7 @@ def friendly_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ConfigError, JournalError, RosterFileError) as exc:
+        except KNOWN_ERRORS as exc:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
             fail(str(exc))

@@ -106,7 +106,7 @@ class SyncService:
         self.uplink.on_online(session_present)
         self._status_now.set()
 
-    def _message(self, topic: str, payload: bytes) -> None:
+    def _message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
         self.downlink.submit(topic, payload)
 
     def _status_loop(self) -> None:

@@ -147,6 +147,7 @@ class MqttTransport:
         will: tuple[str, bytes] | None = None,
         subscriptions: tuple[str, ...] = (),
         rng: random.Random | None = None,
+        manual_ack: bool = False,
     ) -> None:
         _check_files(config)
         self.config = config
@@ -157,7 +158,8 @@ class MqttTransport:
         self.on_online: Callback | None = None  # (session_present: bool)
         self.on_offline: Callback | None = None  # ()
         self.on_ack: Callback | None = None  # (mid: int, error: str | None)
-        self.on_message: Callback | None = None  # (topic: str, payload: bytes)
+        self.on_message: Callback | None = None  # (topic: str, payload: bytes, ack: Callable[[], None])
+        self.manual_ack = manual_ack
         self._rng = rng or random.Random()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -171,6 +173,7 @@ class MqttTransport:
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
+            manual_ack=self.manual_ack,
         )
         client.max_inflight_messages_set(min(config.window, 65535))
         client.max_queued_messages_set(0)
@@ -314,5 +317,10 @@ class MqttTransport:
             self.on_ack(mid, None)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if self.on_message is not None:
-            self.on_message(message.topic, bytes(message.payload))
+        """With ``manual_ack`` the receiver calls ``ack()`` once the message is safely stored."""
+        if self.on_message is None:
+            if self.manual_ack:
+                client.ack(message.mid, message.qos)
+            return
+        mid, qos = message.mid, message.qos
+        self.on_message(message.topic, bytes(message.payload), lambda: client.ack(mid, qos))

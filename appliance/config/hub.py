@@ -1,0 +1,189 @@
+"""The hub's ``hub.toml``: the school server's side (ingest, notifications, reports, API)."""
+
+from __future__ import annotations
+
+from datetime import time
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator, model_validator
+
+from appliance.config.base import HHMM, NAME_PATTERN, MqttLink, Section, parse_hhmm, read_toml, validate
+from appliance.config.gate import LoggingConfig, RosterConfig
+
+DEFAULT_HUB_CONFIG_PATH = Path("/etc/edugate/hub.toml")
+
+
+class HubSection(Section):
+    id: str = Field("hub-1", pattern=NAME_PATTERN, description="this hub instance (client id, logs)")
+    schools: list[str] = Field(
+        default_factory=list, description="schools this hub serves; empty = every school on the broker"
+    )
+    timezone: str = "Asia/Ho_Chi_Minh"
+    language: Literal["vi", "en"] = "vi"
+
+    @field_validator("schools")
+    @classmethod
+    def _school_names(cls, value: list[str]) -> list[str]:
+        import re
+
+        bad = [s for s in value if not re.match(NAME_PATTERN, s)]
+        if bad:
+            raise ValueError(f"school ids are letters, digits, '_', '.', '-': {', '.join(bad)}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Ho_Chi_Minh)") from exc
+        return value
+
+
+class DatabaseConfig(Section):
+    """SQLite for one school; PostgreSQL for a district hub (``postgresql://user@host:5432/edugate``)."""
+
+    url: str = Field("sqlite:////var/lib/edugate-hub/hub.db", description="sqlite:///PATH or postgresql://...")
+    password_file: Path | None = Field(None, description="PostgreSQL password (or PGPASSWORD in the environment)")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not (value.startswith("sqlite:///") or value.startswith(("postgresql://", "postgres://"))):
+            raise ValueError("use sqlite:////absolute/path.db or postgresql://user@host:5432/dbname")
+        return value
+
+
+class HubMqttConfig(MqttLink):
+    username: str | None = Field("hub", description="broker user name of the hub")
+    shared_group: str = Field(
+        "hub", pattern=NAME_PATTERN, description="MQTT 5 shared-subscription group: hub instances share the events"
+    )
+    keepalive: int = Field(30, ge=2, le=3600)
+
+
+class SigningConfig(Section):
+    key_file: Path = Field(Path("/etc/edugate/hub-signing.key"), description="from `edugate sync keygen`")
+    resync_after: float = Field(
+        60.0, ge=1, description="seconds a gap in a gate's seq may stay open before the hub asks for it again"
+    )
+
+
+class AttendanceConfig(Section):
+    """When a student without an arrival counts as absent."""
+
+    class_start: HHMM = Field(time(7, 15), description="default start of classes")
+    class_start_by_class: dict[str, HHMM] = Field(default_factory=dict, description='e.g. {"6A" = "13:00"}')
+    absent_after_minutes: int = Field(15, ge=0, le=600, description="cut-off after class start")
+    school_days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat"]
+    )
+
+    @field_validator("class_start", mode="before")
+    @classmethod
+    def _start(cls, value: Any) -> time:
+        return parse_hhmm(value)
+
+    @field_validator("class_start_by_class", mode="before")
+    @classmethod
+    def _by_class(cls, value: Any) -> dict[str, time]:
+        if not isinstance(value, dict):
+            raise ValueError('must be a table of class = "HH:MM"')
+        return {str(k): parse_hhmm(v) for k, v in value.items()}
+
+
+class WebhookConfig(Section):
+    url: str = Field(description="the SMS/Zalo/app gateway's endpoint (https://...)")
+    token_file: Path | None = Field(None, description="bearer token sent as Authorization")
+    timeout: float = Field(10.0, gt=0, le=120)
+
+
+class SmtpConfig(Section):
+    host: str
+    port: int = Field(587, ge=1, le=65535)
+    starttls: bool = True
+    username: str | None = None
+    password_file: Path | None = None
+    sender: str = Field(description='From: address, e.g. "Trường THCS <thongbao@truong.edu.vn>"')
+    timeout: float = Field(20.0, gt=0, le=120)
+
+
+class NotifyConfig(Section):
+    enabled: bool = False
+    max_age_minutes: int = Field(
+        60, ge=1, description="events older than this when they reach the hub notify nobody (night-time backlogs)"
+    )
+    max_attempts: int = Field(12, ge=1, le=100, description="delivery attempts before a message is marked failed")
+    retry_min: float = Field(5.0, gt=0, description="first retry delay (seconds); doubles up to retry_max")
+    retry_max: float = Field(600.0, gt=0)
+    templates: dict[Literal["arrival", "departure", "absent"], str] = Field(
+        default_factory=dict, description="message text per kind; {name}, {time}, {class}, {date}, {school}"
+    )
+    webhook: WebhookConfig | None = None
+    smtp: SmtpConfig | None = None
+
+    @model_validator(mode="after")
+    def _has_channel(self) -> NotifyConfig:
+        if self.enabled and self.webhook is None and self.smtp is None:
+            raise ValueError("notify.enabled needs a channel: [notify.webhook] and/or [notify.smtp]")
+        return self
+
+
+class CityApiConfig(Section):
+    """The city data centre's API; its specification is not public, so everything is configuration."""
+
+    url: str = Field(description="endpoint that receives one school's daily report (POST, JSON)")
+    token_file: Path | None = Field(None, description="bearer token sent as Authorization")
+    timeout: float = Field(30.0, gt=0, le=300)
+    max_attempts: int = Field(10, ge=1, le=100)
+    field_mapping: dict[str, str] = Field(
+        default_factory=dict, description="our field name -> the city's field name in the pushed JSON"
+    )
+
+
+class ReportConfig(Section):
+    export_dir: Path = Field(Path("/var/lib/edugate-hub/reports"), description="where XLSX/CSV exports go")
+    send_at: HHMM = Field(time(16, 30), description="when the day's report is exported and pushed")
+    city: CityApiConfig | None = None
+
+    @field_validator("send_at", mode="before")
+    @classmethod
+    def _send_at(cls, value: Any) -> time:
+        return parse_hhmm(value)
+
+
+class ApiConfig(Section):
+    enabled: bool = True
+    listen: str = Field("127.0.0.1", description="address of the read-only HTTP API")
+    port: int = Field(8780, ge=1, le=65535)
+    token_file: Path | None = Field(None, description="bearer tokens, one per line; the API refuses all without")
+
+
+class HubConfig(Section):
+    """The whole ``hub.toml``."""
+
+    hub: HubSection = Field(default_factory=HubSection)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    mqtt: HubMqttConfig = Field(default_factory=lambda: HubMqttConfig(tls=False))
+    signing: SigningConfig = Field(default_factory=SigningConfig)
+    attendance: AttendanceConfig = Field(default_factory=AttendanceConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    roster: RosterConfig = Field(default_factory=RosterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.hub.timezone)
+
+
+def parse_hub_config(data: dict[str, Any], source: str = "<hub config>") -> HubConfig:
+    return validate(HubConfig, data, source)
+
+
+def load_hub_config(path: Path) -> HubConfig:
+    return parse_hub_config(read_toml(path, "config/hub.example.toml"), str(path))

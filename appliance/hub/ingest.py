@@ -1,0 +1,293 @@
+"""Gate messages -> hub database, exactly once, acknowledged to the broker only after the commit.
+
+Events arrive at least once (a gate resends what it is not sure of), so each is stored under
+its globally unique id and a repeat changes nothing. Messages are taken in batches, one
+transaction per batch; only after the COMMIT are their PUBACKs sent, so a hub killed at any
+moment leaves the broker holding (and later redelivering) whatever it had not stored.
+
+Per gate and journal the hub keeps ``contiguous`` (every seq up to it is here) and
+``highest``; a difference is a gap, which the resync loop asks the gate to fill. Whatever must
+follow an event (parent notifications) is planned by hooks inside the same transaction, so it
+happens once or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+import jsonschema
+
+from appliance.events import event_schema
+from appliance.hub.store import Connection, Store
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+BATCH_WAIT = 0.02  # seconds to gather more messages once one arrived
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    ack: Callable[[], None] = lambda: None
+
+
+# Runs inside the ingest transaction for every newly stored event: (connection, school, event).
+EventHook = Callable[[Connection, str, dict[str, Any]], None]
+
+
+@dataclass
+class IngestStats:
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    statuses: int = 0
+    results: int = 0
+    batches: int = 0
+    last_error: str | None = None
+    by_device: dict[str, int] = field(default_factory=dict)
+
+
+@cache
+def _event_validator() -> jsonschema.protocols.Validator:
+    schema = event_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def parse_topic(topic: str, prefix: str) -> tuple[str, str, str] | None:
+    """(school, device, kind) of ``{prefix}/{school}/{device}/{events|status|result}``."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != prefix or parts[3] not in ("events", "status", "result"):
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+class Rejected(Exception):
+    pass
+
+
+class Ingest:
+    """Stores batches of gate messages; used by the hub's ingest thread and by the benchmarks."""
+
+    def __init__(self, conn: Connection, prefix: str, hooks: list[EventHook] | None = None) -> None:
+        self.conn = conn
+        self.prefix = prefix
+        self.hooks = hooks or []
+        self.stats = IngestStats()
+
+    def store_batch(self, batch: list[Incoming]) -> None:
+        """One transaction for the batch, then every message's ack (never before the commit)."""
+        touched: set[tuple[str, str, str]] = set()
+        with self.conn.transaction():
+            for message in batch:
+                try:
+                    touched |= self._store_one(message)
+                except Rejected as exc:
+                    self.stats.rejected += 1
+                    log.warning("hub: refused a message on %s: %s", message.topic, exc)
+                    self.conn.execute(
+                        "INSERT INTO rejected_messages(topic, reason, payload, received_at) VALUES (?, ?, ?, ?)",
+                        [message.topic, str(exc), message.payload.decode("utf-8", "replace")[:10000], _now()],
+                    )
+            for device, journal, school in touched:
+                self._advance(device, journal, school)
+        self.stats.batches += 1
+        for message in batch:
+            message.ack()
+
+    def _store_one(self, message: Incoming) -> set[tuple[str, str, str]]:
+        where = parse_topic(message.topic, self.prefix)
+        if where is None:
+            raise Rejected("not a gate topic")
+        school, device, kind = where
+        try:
+            data = json.loads(message.payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise Rejected("not JSON") from None
+        if not isinstance(data, dict):
+            raise Rejected("not a JSON object")
+        if kind == "status":
+            self._status(school, device, data)
+            return set()
+        if kind == "result":
+            self._result(device, data)
+            return set()
+        error = jsonschema.exceptions.best_match(_event_validator().iter_errors(data))
+        if error is not None:
+            where_in = "/".join(str(p) for p in error.absolute_path) or "(event)"
+            raise Rejected(f"event schema: {where_in}: {error.message}")
+        if data["device"] != device:
+            raise Rejected(f"event of {data['device']} published on {device}'s topic")
+        cur = self.conn.execute(
+            "INSERT INTO events(id, school, device, journal, seq, ts, day, kind, person, role, method, late, payload,"
+            " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+            [
+                data["id"],
+                school,
+                device,
+                data["journal"],
+                data["seq"],
+                data["ts"],
+                data["ts"][:10],
+                data["kind"],
+                data.get("person"),
+                data.get("role"),
+                data["method"],
+                None if data.get("late") is None else int(data["late"]),
+                json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True),
+                _now(),
+            ],
+        )
+        if cur.rowcount == 0:
+            self.stats.duplicates += 1
+            return set()
+        self.stats.stored += 1
+        self.stats.by_device[device] = self.stats.by_device.get(device, 0) + 1
+        self.conn.execute(
+            "INSERT INTO streams(device, journal, school, contiguous, highest, updated_at) VALUES (?, ?, ?, 0, ?, ?) "
+            "ON CONFLICT(device, journal) DO UPDATE SET highest = CASE WHEN excluded.highest > streams.highest "
+            "THEN excluded.highest ELSE streams.highest END, updated_at = excluded.updated_at",
+            [device, data["journal"], school, data["seq"], _now()],
+        )
+        for hook in self.hooks:
+            hook(self.conn, school, data)
+        return {(device, data["journal"], school)}
+
+    def _advance(self, device: str, journal: str, school: str) -> None:
+        """Move ``contiguous`` over every seq now present; note when a gap opened or closed."""
+        row = self.conn.one(
+            "SELECT contiguous, highest, gap_since, resync_requested_at FROM streams WHERE device = ? AND journal = ?",
+            [device, journal],
+        )
+        if row is None:
+            return
+        contiguous, highest, gap_since, requested = row
+        while True:
+            seqs = [
+                r[0]
+                for r in self.conn.all(
+                    "SELECT seq FROM events WHERE device = ? AND journal = ? AND seq > ? ORDER BY seq LIMIT 2000",
+                    [device, journal, contiguous],
+                )
+            ]
+            advanced = contiguous
+            for seq in seqs:
+                if seq != advanced + 1:
+                    break
+                advanced = seq
+            if advanced == contiguous:
+                break
+            contiguous = advanced
+            if len(seqs) < 2000 or advanced != seqs[-1]:
+                break
+        open_gap = highest > contiguous
+        gap = gap_since if open_gap and gap_since else (_now() if open_gap else None)
+        self.conn.execute(
+            "UPDATE streams SET contiguous = ?, gap_since = ?, resync_requested_at = ? "
+            "WHERE device = ? AND journal = ?",
+            [contiguous, gap, requested if open_gap else None, device, journal],
+        )
+
+    def _status(self, school: str, device: str, data: dict[str, Any]) -> None:
+        self.stats.statuses += 1
+        self.conn.execute(
+            "INSERT INTO devices(device, school, online, status, status_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(device) DO UPDATE SET school = excluded.school, online = excluded.online, "
+            "status = excluded.status, status_at = excluded.status_at",
+            [device, school, int(bool(data.get("online"))), json.dumps(data, ensure_ascii=False), _now()],
+        )
+        journal, last_seq = data.get("journal"), data.get("last_seq")
+        if isinstance(journal, str) and isinstance(last_seq, int) and last_seq > 0:
+            # The tail: events after the last one the hub saw are a gap too, visible only from the status.
+            self.conn.execute(
+                "INSERT INTO streams(device, journal, school, contiguous, highest, updated_at) "
+                "VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT(device, journal) DO UPDATE SET highest = CASE WHEN "
+                "excluded.highest > streams.highest THEN excluded.highest ELSE streams.highest END",
+                [device, journal, school, last_seq, _now()],
+            )
+            self._advance(device, journal, school)
+
+    def _result(self, device: str, data: dict[str, Any]) -> None:
+        self.stats.results += 1
+        ref = data.get("ref")
+        if not isinstance(ref, str):
+            return
+        self.conn.execute(
+            "INSERT INTO downlink_results(ref, device, type, ok, reason, payload, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, ref) DO NOTHING",
+            [ref, device, data.get("type"), int(bool(data.get("ok"))), data.get("reason"), json.dumps(data), _now()],
+        )
+
+
+class IngestWorker:
+    """The thread between paho and the database: gathers messages into batches, stores, acks."""
+
+    def __init__(self, store: Store, prefix: str, hooks: list[EventHook] | None = None) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.hooks = hooks or []
+        self._queue: queue.Queue[Incoming | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.ingest: Ingest | None = None
+
+    def submit(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        self._queue.put(Incoming(topic, payload, ack))
+
+    def start(self) -> None:
+        self.ingest = Ingest(self.store.connect(), self.prefix, self.hooks)
+        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.ingest is not None:
+            self.ingest.conn.close()
+
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        assert self.ingest is not None
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stopping = False
+            while len(batch) < BATCH:
+                try:
+                    item = self._queue.get(timeout=BATCH_WAIT)
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            try:
+                self.ingest.store_batch(batch)
+                self.ingest.stats.last_error = None
+            except Exception as exc:
+                # Not acknowledged: the broker redelivers them after a reconnect. Keep the messages and retry.
+                self.ingest.stats.last_error = str(exc)
+                log.exception("hub: could not store a batch of %d messages; retrying", len(batch))
+                for item in batch:
+                    self._queue.put(item)
+                threading.Event().wait(1.0)
+            if stopping:
+                return

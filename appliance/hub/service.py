@@ -1,0 +1,131 @@
+"""``edugate hub run``: the school server's daemon, wired from hub.toml.
+
+Ingest (MQTT, manual acks after commit) and the resync loop are the core; parent
+notifications, the daily jobs and the HTTP API are started when configured. Every part runs on
+its own thread with its own database connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any, Protocol
+
+from appliance import __version__
+from appliance.config import HubConfig
+from appliance.hub.ingest import EventHook, IngestWorker
+from appliance.hub.resync import Resyncer
+from appliance.hub.store import Store
+from appliance.sdnotify import Notifier
+from appliance.sync.signing import SigningKeyError, load_private_key
+from appliance.sync.transport import MqttTransport
+
+log = logging.getLogger(__name__)
+
+RESYNC_EVERY = 5.0
+
+
+class Component(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def subscriptions(config: HubConfig) -> tuple[str, ...]:
+    """Events through the shared group (hub instances split them); status and results to every instance."""
+    prefix, group = config.mqtt.topic_prefix, config.mqtt.shared_group
+    schools = config.hub.schools or ["+"]
+    topics: list[str] = []
+    for school in schools:
+        topics += [
+            f"$share/{group}/{prefix}/{school}/+/events",
+            f"{prefix}/{school}/+/status",
+            f"{prefix}/{school}/+/result",
+        ]
+    return tuple(topics)
+
+
+class HubService:
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        self.store = Store(config.database)
+        self.store.migrate()
+        self.hooks: list[EventHook] = []
+        self.components: list[Component] = []
+        self.key = self._signing_key()
+        self.ingest = IngestWorker(self.store, config.mqtt.topic_prefix, self.hooks)
+        self.transport = MqttTransport(
+            config.mqtt,
+            client_id=config.mqtt.client_id or f"edugate-{config.hub.id}",
+            username=config.mqtt.username or "hub",
+            subscriptions=subscriptions(config),
+            manual_ack=True,
+        )
+        self.transport.on_message = self.ingest.submit
+        self._resync_conn = self.store.connect()
+        self.resyncer = Resyncer(
+            self._resync_conn,
+            config.mqtt.topic_prefix,
+            self.key,
+            lambda topic, data: self.transport.publish(topic, data),
+            config.signing.resync_after,
+        )
+        self._stop = threading.Event()
+        self.notifier = Notifier()
+        self._add_optional_parts()
+
+    def _signing_key(self) -> Any:
+        try:
+            return load_private_key(self.config.signing.key_file)
+        except SigningKeyError as exc:
+            log.error("hub: %s; gates will not be asked to resend missing events, nothing can be published", exc)
+            return None
+
+    def _add_optional_parts(self) -> None:
+        """Parts that each live in their own module, started only when configured."""
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+        self.ingest.start()
+        self.transport.start()
+        for component in self.components:
+            component.start()
+        log.info(
+            "edugate hub %s started: %s, database %s, broker %s:%d",
+            __version__,
+            self.config.hub.id,
+            self.store.describe(),
+            self.config.mqtt.host,
+            self.config.mqtt.port,
+        )
+        self.notifier.notify("READY=1")
+        try:
+            while not self._stop.wait(RESYNC_EVERY):
+                self.notifier.notify("WATCHDOG=1")
+                if self.transport.connected.is_set():
+                    try:
+                        self.resyncer.run_once()
+                    except Exception:
+                        log.exception("hub: resync round failed")
+        finally:
+            self.notifier.notify("STOPPING=1")
+            for component in reversed(self.components):
+                component.stop()
+            self.transport.stop()
+            self.ingest.stop()
+            self._resync_conn.close()
+            log.info("edugate hub stopped")
+
+    def wait_online(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.transport.connected.is_set():
+                return True
+            time.sleep(0.05)
+        return False

@@ -1,0 +1,148 @@
+"""Test support for the hub: stores, events as gates send them, hub.toml files, the hub as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from appliance.config import DatabaseConfig
+from appliance.hub.store import Connection, Store
+
+REPO = Path(__file__).resolve().parent.parent
+ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
+
+
+def gate_event(device: str, seq: int, journal: str = "a" * 32, **fields: Any) -> dict[str, Any]:
+    """An event exactly as a gate publishes it (valid against the event schema)."""
+    event: dict[str, Any] = {
+        "schema": 1,
+        "id": uuid.uuid4().hex,
+        "device": device,
+        "journal": journal,
+        "seq": seq,
+        "ts": datetime.now(ZONE).isoformat(timespec="milliseconds"),
+        "clock_ok": True,
+        "kind": "unknown_card",
+        "person": None,
+        "method": "card",
+        "reader": "lane",
+        "card_uid": f"{seq:08X}",
+    }
+    event.update(fields)
+    return event
+
+
+def payload(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@pytest.fixture
+def hub_store(tmp_path: Path) -> Store:
+    """A migrated hub database (SQLite)."""
+    store = Store(DatabaseConfig(url=f"sqlite:///{tmp_path / 'hub.db'}"))
+    store.migrate()
+    return store
+
+
+@pytest.fixture
+def hub_conn(hub_store: Store) -> Iterator[Connection]:
+    conn = hub_store.connect()
+    yield conn
+    conn.close()
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f'"{k}" = {_toml(v)}' for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def write_hub_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """A hub.toml from nested dicts (one level of sub-tables, e.g. notify.webhook)."""
+    lines: list[str] = []
+    for name, values in sections.items():
+        flat = {k: v for k, v in values.items() if not isinstance(v, dict) or name in ("attendance",)}
+        tables = {k: v for k, v in values.items() if k not in flat}
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in flat.items()]
+        lines.append("")
+        for sub, sub_values in tables.items():
+            lines.append(f"[{name}.{sub}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in sub_values.items()]
+            lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    tomllib.loads(path.read_text(encoding="utf-8"))
+    return path
+
+
+class HubProcess:
+    """``edugate hub run`` as a child process."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.proc: subprocess.Popen[str] | None = None
+        self.stderr_lines: list[str] = []
+        self._thread: threading.Thread | None = None
+
+    def start(self, wait_for: str = "edugate hub", timeout: float = 20.0) -> HubProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "hub", "run", "--config", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+        self.wait_log(wait_for, timeout)
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
+    def wait_log(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.stderr_lines):
+            if self.proc is not None and self.proc.poll() is not None:
+                time.sleep(0.2)
+                raise AssertionError(f"hub exited ({self.proc.returncode}):\n" + "\n".join(self.stderr_lines[-20:]))
+            if time.monotonic() > deadline:
+                raise AssertionError(f"hub never logged {text!r}:\n" + "\n".join(self.stderr_lines[-20:]))
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -1,0 +1,111 @@
+"""The hub stores what gates send exactly once, acknowledges only after the commit, and sees gaps."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hub_support import gate_event, payload
+
+from appliance.hub.ingest import Incoming, Ingest
+from appliance.hub.resync import Resyncer, missing_ranges
+from appliance.hub.store import Connection, Store
+from appliance.sync.signing import canonical
+
+TOPIC = "edugate/thcs-a/gate-01/events"
+
+
+def incoming(data: dict[str, Any] | bytes, topic: str = TOPIC, acks: list[str] | None = None) -> Incoming:
+    raw = data if isinstance(data, bytes) else payload(data)
+    name = data["id"] if isinstance(data, dict) and "id" in data else "raw"
+    return Incoming(topic, raw, (lambda: acks.append(name)) if acks is not None else (lambda: None))
+
+
+def stream(conn: Connection, device: str = "gate-01") -> tuple[int, int, str | None]:
+    row = conn.one("SELECT contiguous, highest, gap_since FROM streams WHERE device = ?", [device])
+    assert row is not None
+    return row  # type: ignore[return-value]
+
+
+def test_each_event_is_stored_once_and_acknowledged_after_the_commit(hub_store: Store, hub_conn: Connection) -> None:
+    observer = hub_store.connect()
+    acks: list[str] = []
+    seen_at_ack: list[int] = []
+
+    def ack_after_commit(name: str) -> None:
+        acks.append(name)
+        seen_at_ack.append(observer.one("SELECT COUNT(*) FROM events")[0])  # another connection sees the rows
+
+    events = [gate_event("gate-01", seq) for seq in range(1, 6)]
+    ingest = Ingest(hub_conn, "edugate")
+    batch = [Incoming(TOPIC, payload(e), lambda e=e: ack_after_commit(e["id"])) for e in events]
+    ingest.store_batch([*batch, Incoming(TOPIC, payload(events[0]), lambda: ack_after_commit("dup"))])
+    assert acks == [e["id"] for e in events] + ["dup"]
+    assert all(count == 5 for count in seen_at_ack)
+    ingest.store_batch([incoming(events[2])])  # redelivered later: still once
+    assert hub_conn.one("SELECT COUNT(*) FROM events")[0] == 5
+    assert ingest.stats.stored == 5 and ingest.stats.duplicates == 2
+    stored = json.loads(hub_conn.one("SELECT payload FROM events WHERE seq = 3")[0])
+    assert stored == events[2]
+    assert stream(hub_conn)[:2] == (5, 5)
+    observer.close()
+
+
+def test_invalid_messages_are_recorded_and_acknowledged_not_stored(hub_conn: Connection) -> None:
+    acks: list[str] = []
+    ingest = Ingest(hub_conn, "edugate")
+    wrong_kind = gate_event("gate-01", 1, kind="teleported")
+    other_device = gate_event("gate-02", 1)
+    ingest.store_batch(
+        [
+            incoming(b"\x00garbage", acks=acks),
+            incoming(wrong_kind, acks=acks),
+            incoming(other_device, acks=acks),
+            incoming(gate_event("gate-01", 1), topic="edugate/thcs-a/gate-01/whatever", acks=acks),
+        ]
+    )
+    assert len(acks) == 4
+    assert hub_conn.one("SELECT COUNT(*) FROM events")[0] == 0
+    reasons = {r[0] for r in hub_conn.all("SELECT reason FROM rejected_messages")}
+    assert {"not JSON", "event of gate-02 published on gate-01's topic", "not a gate topic"} < reasons
+    assert any("event schema: kind" in r for r in reasons)
+
+
+def test_gaps_open_close_and_the_tail_is_known_from_the_status(hub_conn: Connection) -> None:
+    ingest = Ingest(hub_conn, "edugate")
+    events = {seq: gate_event("gate-01", seq) for seq in range(1, 11)}
+    ingest.store_batch([incoming(events[s]) for s in (1, 2, 4, 5, 8)])
+    contiguous, highest, gap_since = stream(hub_conn)
+    assert (contiguous, highest) == (2, 8) and gap_since is not None
+    assert missing_ranges(hub_conn, "gate-01", "a" * 32, 2, 8) == [(3, 3), (6, 7)]
+    status = {"schema": 1, "device": "gate-01", "online": True, "journal": "a" * 32, "last_seq": 10}
+    ingest.store_batch([incoming(status, topic="edugate/thcs-a/gate-01/status")])
+    assert stream(hub_conn)[1] == 10
+    assert missing_ranges(hub_conn, "gate-01", "a" * 32, 2, 10) == [(3, 3), (6, 7), (9, 10)]
+    ingest.store_batch([incoming(events[s]) for s in (3, 6, 7, 9, 10)])
+    assert stream(hub_conn) == (10, 10, None)
+    assert json.loads(hub_conn.one("SELECT status FROM devices WHERE device = 'gate-01'")[0])["last_seq"] == 10
+
+
+def test_resync_asks_for_exactly_the_missing_ranges_once_per_period(hub_conn: Connection) -> None:
+    ingest = Ingest(hub_conn, "edugate")
+    ingest.store_batch([incoming(gate_event("gate-01", s)) for s in (1, 2, 5, 6, 9)])
+    key = Ed25519PrivateKey.generate()
+    sent: list[tuple[str, dict[str, Any]]] = []
+    resyncer = Resyncer(hub_conn, "edugate", key, lambda t, d: sent.append((t, json.loads(d))), after=60)
+    now = datetime.now(UTC)
+    assert resyncer.run_once(now) == 0  # the gap is younger than resync_after: it may still fill by itself
+    assert resyncer.run_once(now + timedelta(seconds=61)) == 2
+    assert [m["body"] for _, m in sent] == [
+        {"name": "resync", "from_seq": 3, "to_seq": 4},
+        {"name": "resync", "from_seq": 7, "to_seq": 8},
+    ]
+    topic, message = sent[0]
+    assert topic == "edugate/thcs-a/gate-01/downlink/command"
+    key.public_key().verify(base64.b64decode(message["sig"]), canonical(message))
+    assert (message["school"], message["device"], message["type"]) == ("thcs-a", "gate-01", "command")
+    assert resyncer.run_once(now + timedelta(seconds=90)) == 0  # asked 29 s ago
+    assert resyncer.run_once(now + timedelta(seconds=200)) == 2  # still missing: ask again
