@@ -327,3 +327,45 @@ def test_udev_rules() -> None:
             assert re.fullmatch(r'[A-Z]+(\{[A-Za-z_]+\})?(==|\+=|=)"[^"]*"', part), part
     assert {"ffff:0035", "08ff:0009", "16c0:27db"} <= ids
     assert "lsusb" in text and "udevadm info -a /dev/input/event" in text
+
+
+# --------------------------------------------------------------------------- the hub's files
+
+HUB_UNIT = REPO / "systemd" / "edugate-hub.service"
+
+
+def test_hub_unit_runs_the_hub_hardened() -> None:
+    unit = unit_directives(HUB_UNIT)
+    service = {key: values[-1] for key, values in unit["Service"].items()}
+    assert service["Type"] == "notify" and service["Restart"] == "always"
+    assert service["ExecStart"] == "/opt/edugate/venv/bin/edugate hub run --config /etc/edugate/hub.toml"
+    assert service["User"] == "edugate-hub" and service["StateDirectory"] == "edugate-hub"
+    assert service["ProtectSystem"] == "strict" and service["CapabilityBoundingSet"] == ""
+
+
+def test_hub_unit_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", str(HUB_UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+        cwd=tmp_path,
+    )
+    problems = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if line.strip() and "/opt/edugate/venv/bin/edugate" not in line
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_hub_example_config_is_valid() -> None:
+    from appliance.config import load_hub_config
+
+    config = load_hub_config(REPO / "config" / "hub.example.toml")
+    assert config.mqtt.tls and config.attendance.absent_after_minutes == 15
