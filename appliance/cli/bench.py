@@ -323,3 +323,33 @@ def bench_memory(
         run_memory(faces_dir or DEFAULT_FACES, vision, people, templates_per_person, seconds)
     except (MemoryBenchError, VideoError, ModelError) as exc:
         fail(str(exc))
+
+
+@bench.command("sync")
+@click.option(
+    "--events", type=click.IntRange(min=100), default=100_000, show_default=True, help="Backlog drained, in events."
+)
+@click.option("--taps", type=click.IntRange(min=10), default=500, show_default=True, help="Live taps timed to the hub.")
+@click.option(
+    "--tls/--no-tls",
+    default=True,
+    show_default=True,
+    help="MQTT over TLS 1.2 with a throwaway CA (a school's broker accepts nothing else), or plaintext on loopback.",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="QoS 1 messages in flight, for the gate and the baseline alike (default: the sync.window default).",
+)
+def bench_sync(events: int, taps: int, tls: bool, window: int | None) -> None:
+    """Drain of a journal backlog to a private Mosquitto through the gate's SyncService vs a bare paho-mqtt
+    QoS 1 publisher, then tap -> hub latency through a real `edugate run` (needs mosquitto)."""
+    from appliance.bench.sync import BenchError
+    from appliance.bench.sync import run as run_sync
+    from appliance.config import SyncConfig
+
+    try:
+        run_sync(events, taps, tls, window or SyncConfig().window)
+    except BenchError as exc:
+        fail(str(exc))
