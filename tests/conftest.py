@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hub_support import hub_conn, hub_store  # noqa: F401
 from mqtt_broker import broker, broker_factory, pki, subscriber_factory  # noqa: F401
+from sync_support import gate_factory  # noqa: F401
 
 from appliance.readers.virtual import PrivatePcscd
 from appliance.vision.models import Manifest, ModelPack, check_installed, download_wheel, install
