@@ -17,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from postgres_server import session_server
 
 from appliance.config import DatabaseConfig
 from appliance.hub.store import Connection, Store
@@ -49,12 +50,21 @@ def payload(data: dict[str, Any]) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-@pytest.fixture
-def hub_store(tmp_path: Path) -> Store:
-    """A migrated hub database (SQLite)."""
-    store = Store(DatabaseConfig(url=f"sqlite:///{tmp_path / 'hub.db'}"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A migrated hub database: every test using it runs on SQLite and on a fresh PostgreSQL database
+    (of the session's private cluster, see postgres_server.py; the password comes from a file, as in production)."""
+    if request.param == "sqlite":
+        store = Store(DatabaseConfig(url=f"sqlite:///{tmp_path / 'hub.db'}"))
+        store.migrate()
+        yield store
+        return
+    server = session_server(request.config)
+    name = server.create_database()
+    store = Store(DatabaseConfig(url=server.url(name), password_file=server.password_file))
     store.migrate()
-    return store
+    yield store
+    server.drop_database(name)
 
 
 @pytest.fixture
