@@ -26,7 +26,7 @@ from typing import Any
 import jsonschema
 
 from appliance.events import event_schema
-from appliance.hub.store import Connection, Store
+from appliance.hub.store import Connection, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,22 @@ class Rejected(Exception):
     pass
 
 
+def _has_nul(value: Any) -> bool:
+    """Whether a decoded JSON value holds U+0000 anywhere (PostgreSQL text refuses it; SQLite would keep it)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _storable_text(raw: bytes) -> str:
+    """A refused payload as text any database keeps: bad UTF-8 and NUL bytes become U+FFFD, at most 10,000 chars."""
+    return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")[:10000]
+
+
 class Ingest:
     """Stores batches of gate messages; used by the hub's ingest thread and by the benchmarks."""
 
@@ -101,7 +117,7 @@ class Ingest:
                     log.warning("hub: refused a message on %s: %s", message.topic, exc)
                     self.conn.execute(
                         "INSERT INTO rejected_messages(topic, reason, payload, received_at) VALUES (?, ?, ?, ?)",
-                        [message.topic, str(exc), message.payload.decode("utf-8", "replace")[:10000], _now()],
+                        [message.topic, str(exc), _storable_text(message.payload), _now()],
                     )
             for device, journal, school in touched:
                 self._advance(device, journal, school)
@@ -120,6 +136,8 @@ class Ingest:
             raise Rejected("not JSON") from None
         if not isinstance(data, dict):
             raise Rejected("not a JSON object")
+        if b"\\u0000" in message.payload and _has_nul(data):
+            raise Rejected("a string holds a NUL character (\\u0000), which a database text column cannot store")
         if kind == "status":
             self._status(school, device, data)
             return set()
@@ -259,6 +277,21 @@ class IngestWorker:
         if self.ingest is not None:
             self.ingest.conn.close()
 
+    def _reconnect_if_broken(self) -> None:
+        """A PostgreSQL connection does not survive a server restart: open a new one (retried next round)."""
+        assert self.ingest is not None
+        if not self.ingest.conn.broken:
+            return
+        try:
+            conn = self.store.connect()
+        except StoreError as exc:
+            self.ingest.stats.last_error = str(exc)
+            log.error("hub: %s", exc)
+            return
+        self.ingest.conn.close()
+        self.ingest.conn = conn
+        log.warning("hub: reconnected to the database %s", self.store.describe())
+
     def backlog(self) -> int:
         return self._queue.qsize()
 
@@ -289,5 +322,6 @@ class IngestWorker:
                 for item in batch:
                     self._queue.put(item)
                 threading.Event().wait(1.0)
+                self._reconnect_if_broken()
             if stopping:
                 return

@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from appliance.config import DatabaseConfig
 
 SCHEMA_VERSION = 1
+MIGRATE_LOCK = 0x65647567617465  # PostgreSQL advisory lock key held while creating tables ("edugate")
 
 TABLES = [
     """CREATE TABLE IF NOT EXISTS events (
@@ -162,8 +164,22 @@ def _sqlite_path(url: str) -> Path:
     return Path(url.removeprefix("sqlite://"))
 
 
+@lru_cache(maxsize=512)
 def _to_pyformat(sql: str) -> str:
-    return sql.replace("%", "%%").replace("?", "%s")
+    """``?`` placeholders -> psycopg's ``%s``; a ``?`` inside a quoted literal or identifier stays as it is."""
+    out: list[str] = []
+    quote = ""
+    for char in sql:
+        if quote:
+            if char == quote:
+                quote = ""  # a doubled quote ('') closes and reopens: same result
+        elif char in "'\"":
+            quote = char
+        elif char == "?":
+            out.append("%s")
+            continue
+        out.append("%%" if char == "%" else char)
+    return "".join(out)
 
 
 class Connection:
@@ -198,7 +214,12 @@ class Connection:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """All or nothing; SQLite takes the write lock at the start so two writers queue instead of failing."""
+        """All or nothing; SQLite takes the write lock at the start so two writers queue instead of failing.
+
+        On PostgreSQL a statement that failed inside the transaction (even if the caller caught the
+        error) aborts all of it, and a COMMIT then quietly rolls back: that is turned into an error
+        here, so nothing is acknowledged as stored that was not.
+        """
         if self._depth:
             self._depth += 1
             try:
@@ -211,12 +232,33 @@ class Connection:
             self.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
             try:
                 yield self
+                if self.dialect == "postgresql" and self._pg_aborted():
+                    raise StoreError("a statement failed inside the transaction; nothing of it was stored")
             except BaseException:
-                self.execute("ROLLBACK")
+                self._rollback()
                 raise
             self.execute("COMMIT")
         finally:
             self._depth = 0
+
+    def _pg_aborted(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status == TransactionStatus.INERROR)
+
+    def _rollback(self) -> None:
+        """Roll back what is open; a dead connection has nothing to roll back (keep the first error)."""
+        if self.broken:
+            return
+        if self.dialect == "sqlite" and not self.raw.in_transaction:
+            return  # SQLite already rolled back by itself (e.g. disk full)
+        with suppress(Exception):
+            self.execute("ROLLBACK")
+
+    @property
+    def broken(self) -> bool:
+        """True once the connection is unusable (a PostgreSQL server restarted or the network dropped)."""
+        return self.dialect == "postgresql" and bool(self.raw.closed or self.raw.broken)
 
     def close(self) -> None:
         self.raw.close()
@@ -275,6 +317,10 @@ class Store:
         conn = self.connect()
         try:
             with conn.transaction():
+                if self.dialect == "postgresql":
+                    # CREATE ... IF NOT EXISTS is not safe against a concurrent CREATE of the same name on
+                    # PostgreSQL (a unique violation in the catalog): hub instances migrate one at a time.
+                    conn.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATE_LOCK])
                 for statement in TABLES:
                     conn.execute(statement)
                 conn.execute(
