@@ -80,6 +80,7 @@ def test_bench_sync_short_run(tls: str) -> None:
 
     (drain,) = by_measure["drain"]
     assert drain["events"] == EVENTS and drain["published"] >= EVENTS
+    assert drain["complete"] is True and drain["synced_events"] == EVENTS, drain
     assert drain["unsynced_after"] == 0
     assert drain["hub_distinct"] == EVENTS and drain["missing"] == 0
     assert drain["hub_received"] == EVENTS + drain["duplicates"]
@@ -107,6 +108,7 @@ def test_bench_sync_short_run(tls: str) -> None:
 
     (final,) = by_measure[None]
     assert final["events"] == EVENTS and final["missing"] == 0 and final["in_order"] is True
+    assert final["drain_complete"] is True
     assert final["duplicates"] == drain["duplicates"]
     assert final["drain_events_per_s"] == drain["synced_events_per_s"]
     assert final["raw_runs_events_per_s"] == [r["events_per_s"] for r in raws]
