@@ -96,19 +96,64 @@ class AttendanceConfig(Section):
 
 
 class WebhookConfig(Section):
+    """An HTTP gateway for SMS/Zalo/app messages: one JSON POST per message, with an idempotency key."""
+
     url: str = Field(description="the SMS/Zalo/app gateway's endpoint (https://...)")
     token_file: Path | None = Field(None, description="bearer token sent as Authorization")
-    timeout: float = Field(10.0, gt=0, le=120)
+    timeout: float = Field(10.0, gt=0, le=120, description="seconds to connect, and to wait for each part of an answer")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
 
 class SmtpConfig(Section):
-    host: str
+    """E-mail to parents: one mail per parent address."""
+
+    host: str = Field(min_length=1, description="the school's or provider's SMTP server")
     port: int = Field(587, ge=1, le=65535)
-    starttls: bool = True
-    username: str | None = None
+    starttls: bool = Field(True, description="upgrade the connection with STARTTLS (port 587)")
+    implicit_tls: bool = Field(False, description="TLS from the first byte (SMTPS, port 465) instead of STARTTLS")
+    ca_file: Path | None = Field(None, description="CA that signed the server's certificate (default: system CAs)")
+    username: str | None = Field(None, description="login; the password comes from password_file")
     password_file: Path | None = None
-    sender: str = Field(description='From: address, e.g. "Trường THCS <thongbao@truong.edu.vn>"')
+    sender: str = Field(min_length=3, description='From: address, e.g. "Trường THCS <thongbao@truong.edu.vn>"')
     timeout: float = Field(20.0, gt=0, le=120)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SmtpConfig:
+        if self.starttls and self.implicit_tls:
+            raise ValueError("choose starttls (port 587) or implicit_tls (port 465), not both")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+
+TEMPLATE_KINDS = ("arrival", "arrival_late", "departure", "absent")
+TEMPLATE_PLACEHOLDERS = ("name", "time", "class", "date", "school", "minutes")
+
+
+def check_template(text: str) -> None:
+    """Refuse a message template that would fail when a parent's message is made (found at load, not at 7 am)."""
+    import string
+
+    allowed = ", ".join("{" + p + "}" for p in TEMPLATE_PLACEHOLDERS)
+    try:
+        fields = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
+    for _, field, spec, conversion in fields:
+        if field is None:
+            continue
+        if field not in TEMPLATE_PLACEHOLDERS:
+            raise ValueError(f"unknown placeholder {{{field}}}; use {allowed}")
+        if spec or conversion:
+            raise ValueError(f"placeholders take no format or conversion: write {{{field}}}")
+    if not text.strip():
+        raise ValueError("a message template cannot be empty")
 
 
 class NotifyConfig(Section):
@@ -119,17 +164,65 @@ class NotifyConfig(Section):
     max_attempts: int = Field(12, ge=1, le=100, description="delivery attempts before a message is marked failed")
     retry_min: float = Field(5.0, gt=0, description="first retry delay (seconds); doubles up to retry_max")
     retry_max: float = Field(600.0, gt=0)
-    templates: dict[Literal["arrival", "departure", "absent"], str] = Field(
-        default_factory=dict, description="message text per kind; {name}, {time}, {class}, {date}, {school}"
+    concurrency: int = Field(4, ge=1, le=32, description="deliveries in flight at once")
+    templates: dict[Literal["arrival", "arrival_late", "departure", "absent"], str] = Field(
+        default_factory=dict,
+        description="message text per kind; {name}, {time}, {class}, {date}, {school}, {minutes} (late only)",
+    )
+    school_names: dict[str, str] = Field(
+        default_factory=dict, description='{school} in messages, e.g. {"thcs-dong-da" = "Trường THCS Đống Đa"}'
     )
     webhook: WebhookConfig | None = None
     smtp: SmtpConfig | None = None
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, value: dict[str, str]) -> dict[str, str]:
+        for kind, text in value.items():
+            try:
+                check_template(text)
+            except ValueError as exc:
+                raise ValueError(f"{kind}: {exc}") from None
+        return value
 
     @model_validator(mode="after")
     def _has_channel(self) -> NotifyConfig:
         if self.enabled and self.webhook is None and self.smtp is None:
             raise ValueError("notify.enabled needs a channel: [notify.webhook] and/or [notify.smtp]")
+        if self.retry_max < self.retry_min:
+            raise ValueError("retry_max must be at least retry_min")
         return self
+
+
+# Every field name of the JSON the hub pushes to the city (appliance/hub/city.py): the keys field_mapping may rename.
+CITY_FIELDS = (
+    "school",
+    "date",
+    "generated_at",
+    "school_day",
+    "totals",
+    "classes",
+    "students",
+    "staff",
+    "class_name",
+    "class_start",
+    "cutoff",
+    "total",
+    "present",
+    "late",
+    "absent_permitted",
+    "absent_unexcused",
+    "pending",
+    "person_id",
+    "full_name",
+    "status",
+    "arrival",
+    "departure",
+    "minutes_late",
+    "leave_reason",
+    "first_in",
+    "last_out",
+)
 
 
 class CityApiConfig(Section):
