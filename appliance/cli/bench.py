@@ -353,3 +353,36 @@ def bench_sync(events: int, taps: int, tls: bool, window: int | None) -> None:
         run_sync(events, taps, tls, window or SyncConfig().window)
     except BenchError as exc:
         fail(str(exc))
+
+
+@bench.command("hub")
+@click.option(
+    "--events", type=click.IntRange(min=100), default=100_000, show_default=True, help="Backlog waiting for the hub."
+)
+@click.option("--gates", type=click.IntRange(1, 50), default=4, show_default=True, help="Gates the backlog comes from.")
+@click.option(
+    "--taps", type=click.IntRange(min=1), default=100, show_default=True, help="Live taps timed to the webhook."
+)
+@click.option(
+    "--postgres",
+    metavar="URL",
+    default=None,
+    help="Also ingest into this PostgreSQL database (postgresql://user:password@host/db; private schemas, dropped).",
+)
+@click.option(
+    "--dir",
+    "workdir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="Where the SQLite databases go (default: a temporary folder; use the hub's disk).",
+)
+def bench_hub(events: int, gates: int, taps: int, postgres: str | None, workdir: Path | None) -> None:
+    """Hub ingest of a backlog waiting in a private Mosquitto (events/s into SQLite, and PostgreSQL with
+    --postgres) vs bare executemany inserts, then tap -> parent webhook latency (needs mosquitto)."""
+    from appliance.bench.hub import run as run_hub
+    from appliance.bench.sync import BenchError
+
+    try:
+        run_hub(events, gates, taps, postgres, workdir)
+    except BenchError as exc:
+        fail(str(exc))
