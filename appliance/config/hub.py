@@ -79,7 +79,15 @@ class AttendanceConfig(Section):
     class_start_by_class: dict[str, HHMM] = Field(default_factory=dict, description='e.g. {"6A" = "13:00"}')
     absent_after_minutes: int = Field(15, ge=0, le=600, description="cut-off after class start")
     school_days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
-        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat"]
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat"],
+        description="days with classes; on other days nobody is absent and no report is sent",
+    )
+    absent_hold_minutes: int = Field(
+        60,
+        ge=0,
+        le=600,
+        description="how long after the cut-off the absence decision waits for a gate of the school that is offline "
+        "or still sending its backlog; past it absentees are recorded but their parents are not notified",
     )
 
     @field_validator("class_start", mode="before")
@@ -225,20 +233,81 @@ CITY_FIELDS = (
 )
 
 
+# Every field name of the JSON the hub pushes to the city (appliance/hub/city.py): the keys field_mapping may rename.
+CITY_FIELDS = (
+    "school",
+    "date",
+    "generated_at",
+    "school_day",
+    "totals",
+    "classes",
+    "students",
+    "staff",
+    "class_name",
+    "class_start",
+    "cutoff",
+    "total",
+    "present",
+    "late",
+    "absent_permitted",
+    "absent_unexcused",
+    "pending",
+    "person_id",
+    "full_name",
+    "status",
+    "arrival",
+    "departure",
+    "minutes_late",
+    "leave_reason",
+    "first_in",
+    "last_out",
+)
+
+
 class CityApiConfig(Section):
     """The city data centre's API; its specification is not public, so everything is configuration."""
 
     url: str = Field(description="endpoint that receives one school's daily report (POST, JSON)")
     token_file: Path | None = Field(None, description="bearer token sent as Authorization")
-    timeout: float = Field(30.0, gt=0, le=300)
-    max_attempts: int = Field(10, ge=1, le=100)
+    timeout: float = Field(30.0, gt=0, le=300, description="seconds to wait for the server's answer")
+    max_attempts: int = Field(10, ge=1, le=100, description="attempts before the day's push is marked failed")
+    retry_min: float = Field(5.0, gt=0, le=3600, description="first retry delay (seconds); doubles up to retry_max")
+    retry_max: float = Field(300.0, gt=0, le=3600, description="longest delay between two attempts (seconds)")
     field_mapping: dict[str, str] = Field(
-        default_factory=dict, description="our field name -> the city's field name in the pushed JSON"
+        default_factory=dict,
+        description='our field name -> the city\'s field name in the pushed JSON; "" leaves the field out',
     )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("field_mapping")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(CITY_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; ours are: {', '.join(CITY_FIELDS)}")
+        targets = [v for v in value.values() if v]
+        twice = sorted({v for v in targets if targets.count(v) > 1})
+        if twice:
+            raise ValueError(f"two of our fields would have the same name: {', '.join(twice)}")
+        return value
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> CityApiConfig:
+        if self.retry_min > self.retry_max:
+            raise ValueError("retry_min must not exceed retry_max")
+        return self
 
 
 class ReportConfig(Section):
-    export_dir: Path = Field(Path("/var/lib/edugate-hub/reports"), description="where XLSX/CSV exports go")
+    export_dir: Path = Field(
+        Path("/var/lib/edugate-hub/reports"), description="where XLSX/CSV exports go (<export_dir>/<school>/<day>.*)"
+    )
     send_at: HHMM = Field(time(16, 30), description="when the day's report is exported and pushed")
     city: CityApiConfig | None = None
 
