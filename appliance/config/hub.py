@@ -233,37 +233,6 @@ CITY_FIELDS = (
 )
 
 
-# Every field name of the JSON the hub pushes to the city (appliance/hub/city.py): the keys field_mapping may rename.
-CITY_FIELDS = (
-    "school",
-    "date",
-    "generated_at",
-    "school_day",
-    "totals",
-    "classes",
-    "students",
-    "staff",
-    "class_name",
-    "class_start",
-    "cutoff",
-    "total",
-    "present",
-    "late",
-    "absent_permitted",
-    "absent_unexcused",
-    "pending",
-    "person_id",
-    "full_name",
-    "status",
-    "arrival",
-    "departure",
-    "minutes_late",
-    "leave_reason",
-    "first_in",
-    "last_out",
-)
-
-
 class CityApiConfig(Section):
     """The city data centre's API; its specification is not public, so everything is configuration."""
 
