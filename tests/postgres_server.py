@@ -7,7 +7,8 @@ the hub's PostgreSQL code is exercised the way a district installs it (a passwor
 on first use, stopped at the end of the session and, as a guard for interrupted sessions, at exit.
 
 Durability is off (``fsync``, ``synchronous_commit``, ``full_page_writes``) because the tests kill the
-hub, never the database server; that keeps a database per test cheap.
+hub, never the database server; that keeps a database per test cheap. ``PostgresServer(durable=True)``
+keeps PostgreSQL's defaults, for measuring (the README's ``bench hub --postgres`` figures).
 
 Without PostgreSQL the tests that need it are skipped on a developer machine and fail in CI (``CI`` set).
 """
@@ -73,7 +74,8 @@ class PostgresServer:
 
     host = "127.0.0.1"
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable  # PostgreSQL's own fsync settings (for measurements), not the tests' shortcut
         self.bin = _bin_dir()
         if self.bin is None:
             raise RuntimeError("PostgreSQL is not installed")
@@ -130,17 +132,15 @@ class PostgresServer:
         (self.workdir / "admin-password").unlink()
         for _ in range(3):  # a free port can be taken between the probe and the bind: try another
             self.port = _free_port()
-            options = " ".join(
-                [
-                    "-c listen_addresses=127.0.0.1",
-                    f"-p {self.port}",
-                    f"-c unix_socket_directories={self.sockets}",
-                    "-c fsync=off",
-                    "-c synchronous_commit=off",
-                    "-c full_page_writes=off",
-                    "-c max_connections=200",
-                ]
-            )
+            settings = [
+                "-c listen_addresses=127.0.0.1",
+                f"-p {self.port}",
+                f"-c unix_socket_directories={self.sockets}",
+                "-c max_connections=200",
+            ]
+            if not self.durable:
+                settings += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+            options = " ".join(settings)
             _LIVE.add(self)
             started = self._run(
                 "pg_ctl",
