@@ -62,6 +62,7 @@ HUB_USER = "hub"
 TAP_GAP = (0.020, 0.050)  # seconds between two live taps
 RAW_OUTSTANDING = 30_000  # baseline: messages queued in paho at most (its message ids are 16-bit)
 STALL_SECONDS = 30.0  # no progress for this long means something is broken, not slow
+POLL_SECONDS = 0.01  # progress polling: coarse enough not to take the GIL from the threads measured
 READY_TIMEOUT = 60.0
 ZONE = timezone(timedelta(hours=7))
 MORNING_RUSH = (dt_time(6, 30), dt_time(7, 45))  # the drain's events: arrivals then departures, day after day
@@ -385,7 +386,7 @@ def _wait_progress(done: Callable[[], int], total: int) -> float | None:
             last, last_change = now_done, now
         elif now - last_change > STALL_SECONDS:
             return None
-        time.sleep(0.002)
+        time.sleep(POLL_SECONDS)
 
 
 def raw_publish(
