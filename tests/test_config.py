@@ -22,8 +22,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("example", sorted((REPO / "config").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_examples_pass_the_check(example: Path) -> None:
+    command = ["hub", "check"] if example.name.startswith("hub") else ["config", "check"]
     result = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "config", "check", str(example)], capture_output=True, text=True
+        [sys.executable, "-m", "appliance.cli", *command, str(example)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
@@ -156,3 +157,13 @@ def test_sync_refuses_plaintext_to_another_host_unless_allowed() -> None:
         parse_config({"sync": {"enabled": True, "ca_file": "/ca.pem", "cert_file": "/c.pem"}})
     with pytest.raises(ConfigError, match=r"sync\.hostname: unknown key"):
         parse_config({"sync": {"hostname": "x"}})
+
+
+def test_config_check_points_a_hub_file_to_hub_check() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "config", "check", str(REPO / "config" / "hub.example.toml")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "edugate hub check" in result.stderr

@@ -12,12 +12,13 @@ from appliance.cli.common import (
     EXIT_FAILED,
     EXIT_NOT_RUNNING,
     config_option,
+    fail,
     friendly_errors,
     journal_option,
     journal_path_of,
     setup_logging,
 )
-from appliance.config import load_config
+from appliance.config import ConfigError, load_config
 from appliance.journal import open_database
 
 
@@ -60,7 +61,12 @@ def config() -> None:
 @friendly_errors
 def config_check(file: Path) -> None:
     """Validate FILE without starting anything; exit 0 when it is usable."""
-    cfg = load_config(file)
+    try:
+        cfg = load_config(file)
+    except ConfigError as exc:
+        if f"{file}: hub: unknown key" in str(exc):
+            fail(f"{file} is a hub.toml (it has [hub]); check it with: edugate hub check {file}")
+        raise
     click.echo(
         f"{file}: OK (device {cfg.device.id}, school {cfg.device.school}, {len(cfg.readers)} reader(s), "
         f"journal {cfg.journal.path})"
