@@ -1,0 +1,269 @@
+"""The hub's daily jobs: absences at each class's cut-off, the report's export and city push at ``send_at``.
+
+Both are decided in the database, not in memory, so a restart neither repeats nor skips them: the
+absence decision of a class and day is a ``meta`` row written in the same transaction as the
+parents' notifications it plans (``absent/<school>/<day>/<class>``, holding the absentees'
+ids), and a finished report a ``meta`` row ``report/<school>/<day>`` (the push's own record is
+the ``reports`` table). Work whose time has come is done at the next round, so a hub that was down
+at 07:30 decides the 07:30 absences when it starts, on the same day only (a missed day is
+exported and pushed by hand: ``edugate hub report --date D --push``).
+
+A gate of the school that is offline (for less than ``OUT_OF_SERVICE``), still sending its backlog
+or missing events holds the absence decision back: its students' arrivals may not be here yet.
+The decision waits up to ``attendance.absent_hold_minutes`` past the cut-off; after that the
+absentees are recorded, but their parents are not notified (a message to every family of a
+school whose gate lost the network would be worse than none), and a warning names the gates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from appliance.config import HubConfig
+from appliance.hub.attendance import ABSENT_UNEXCUSED, class_day, classes, cutoff, is_school_day, schools
+from appliance.hub.store import Connection, Store
+
+log = logging.getLogger(__name__)
+
+TICK = 20.0  # seconds between rounds
+OUT_OF_SERVICE = timedelta(hours=72)  # a gate offline longer than this is not waited for
+RETRY_FAILED_AFTER = 300.0  # seconds before a job that raised is tried again
+
+
+@dataclass(frozen=True)
+class AbsenceDecision:
+    school: str
+    day: str
+    class_name: str
+    absent: tuple[str, ...]
+    notified: bool
+    gates_behind: tuple[str, ...]
+
+
+def absence_key(school: str, day: str, class_name: str) -> str:
+    return f"absent/{school}/{day}/{class_name}"
+
+
+def report_key(school: str, day: str) -> str:
+    return f"report/{school}/{day}"
+
+
+def gates_behind(conn: Connection, school: str, now: datetime) -> list[str]:
+    """Gates whose events of the day may not all be here: offline lately, a backlog, or a gap in their seq."""
+    behind: set[str] = set()
+    for device, online, status, status_at in conn.all(
+        "SELECT device, online, status, status_at FROM devices WHERE school = ?", [school]
+    ):
+        if not online:
+            try:
+                since = datetime.fromisoformat(status_at)
+            except ValueError:
+                continue
+            if since.tzinfo is None:
+                since = since.replace(tzinfo=UTC)
+            if now - since < OUT_OF_SERVICE:
+                behind.add(device)
+            continue
+        try:
+            backlog = json.loads(status).get("backlog") or 0
+        except (ValueError, AttributeError):
+            backlog = 0
+        if isinstance(backlog, int) and backlog > 0:
+            behind.add(device)
+    for (device,) in conn.all(
+        "SELECT DISTINCT device FROM streams WHERE school = ? AND highest > contiguous", [school]
+    ):
+        behind.add(device)
+    return sorted(behind)
+
+
+def _meta_exists(conn: Connection, key: str) -> bool:
+    return conn.one("SELECT 1 FROM meta WHERE key = ?", [key]) is not None
+
+
+def decide_absences(
+    conn: Connection, config: HubConfig, school: str, day: date, class_name: str, now: datetime
+) -> AbsenceDecision | None:
+    """At or after the class's cut-off: record its unexcused absentees once and plan their parents' messages.
+
+    Returns None when it is too early, already decided, or waiting for a gate that is behind.
+    """
+    the_cutoff = cutoff(config, day, class_name)
+    key = absence_key(school, day.isoformat(), class_name)
+    if now < the_cutoff or _meta_exists(conn, key):
+        return None
+    behind = gates_behind(conn, school, now)
+    if behind and now < the_cutoff + timedelta(minutes=config.attendance.absent_hold_minutes):
+        return None
+    notify = config.notify.enabled and not behind
+    with conn.transaction():
+        absent = [
+            s.person for s in class_day(conn, config, school, day, class_name, now=now) if s.status == ABSENT_UNEXCUSED
+        ]
+        value = json.dumps(
+            {"decided_at": now.isoformat(timespec="seconds"), "absent": absent, "notified": notify, "behind": behind}
+        )
+        inserted = conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING", [key, value]
+        ).rowcount
+        if inserted != 1:
+            return None  # another hub instance decided it first
+        if notify and absent:
+            from appliance.hub.notify import plan_absent
+
+            for person in absent:
+                plan_absent(conn, config, school, person, day)
+    if behind:
+        log.warning(
+            "absences %s %s %s: %d recorded, parents not notified: gate(s) %s still behind %d min after the cut-off",
+            school,
+            day.isoformat(),
+            class_name,
+            len(absent),
+            ", ".join(behind),
+            config.attendance.absent_hold_minutes,
+        )
+    else:
+        log.info(
+            "absences %s %s %s: %d without permission%s",
+            school,
+            day.isoformat(),
+            class_name,
+            len(absent),
+            ", parents notified" if notify and absent else "",
+        )
+    return AbsenceDecision(school, day.isoformat(), class_name, tuple(absent), notify, tuple(behind))
+
+
+def run_report(
+    conn: Connection,
+    config: HubConfig,
+    school: str,
+    day: date,
+    stop: threading.Event | None = None,
+    export: bool = True,
+) -> bool:
+    """Export the day's files (``export=False``: the caller has) and push them to the city if configured;
+    True once finished for good (sent, failed, or no city), False to come back next round."""
+    from appliance.hub.city import push_day
+    from appliance.hub.report import export_day, report_paths
+
+    key = report_key(school, day.isoformat())
+    if _meta_exists(conn, key):
+        return True
+    files = export_day(conn, config, school, day) if export else report_paths(config, school, day)
+    pushed = None
+    if config.report.city is not None:
+        result = push_day(conn, config, school, day, stop=stop)
+        if not result.done:
+            return False  # stopped mid-retry, or another instance is sending: next round
+        pushed = result.status
+    log.info("report %s %s exported%s", school, day.isoformat(), f", city push {pushed}" if pushed else "")
+    value = json.dumps(
+        {"exported_at": datetime.now(UTC).isoformat(timespec="seconds"), "files": [str(files.xlsx), str(files.csv)]}
+        | ({"push": pushed} if pushed else {})
+    )
+    with conn.transaction():
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING", [key, value])
+    return True
+
+
+class DailyJobs:
+    """One thread, one database connection; a round every ``tick`` seconds (and at once when started)."""
+
+    def __init__(self, store: Store, config: HubConfig, tick: float = TICK) -> None:
+        self.store = store
+        self.config = config
+        self.tick = tick
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: Connection | None = None
+        self._failed: dict[str, float] = {}
+        self._exported: set[str] = set()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="daily-jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.run_once()
+                except Exception:
+                    log.exception("daily jobs: round failed; next round in %.0f s", self.tick)
+                    if self._conn is not None and self._conn.broken:
+                        self._conn.close()
+                        self._conn = None
+                self._stop.wait(self.tick)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self.store.connect()
+        return self._conn
+
+    def _guarded(self, key: str, job: Callable[[], object]) -> None:
+        """Run one job; one that raised waits ``RETRY_FAILED_AFTER`` before it is tried again (no log flood)."""
+        failed_at = self._failed.get(key)
+        if failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_AFTER:
+            return
+        try:
+            job()
+            self._failed.pop(key, None)
+        except Exception:
+            self._failed[key] = time.monotonic()
+            log.exception("daily jobs: %s failed; trying again in %.0f s", key, RETRY_FAILED_AFTER)
+            if self._conn is not None and self._conn.broken:
+                self._conn.close()
+                self._conn = None
+
+    def _report(self, school: str, day: date) -> None:
+        """Export once per process and day; the push may take several rounds (retries, another instance)."""
+        from appliance.hub.report import export_day
+
+        key = report_key(school, day.isoformat())
+        conn = self._connection()
+        if key not in self._exported and not _meta_exists(conn, key):
+            export_day(conn, self.config, school, day)
+            self._exported.add(key)
+        run_report(conn, self.config, school, day, self._stop, export=False)
+
+    def run_once(self, now: datetime | None = None) -> None:
+        """Everything due today by ``now`` (the hub's local time) that is not yet done."""
+        now = (now or datetime.now(self.config.zone)).astimezone(self.config.zone)
+        today = now.date()
+        if not is_school_day(self.config, today):
+            return
+        conn = self._connection()
+        for school in schools(conn, self.config):
+            for class_name in classes(conn, school):
+                self._guarded(
+                    absence_key(school, today.isoformat(), class_name),
+                    lambda s=school, c=class_name: decide_absences(self._connection(), self.config, s, today, c, now),
+                )
+            if now.time() >= self.config.report.send_at:
+                self._guarded(report_key(school, today.isoformat()), lambda s=school: self._report(s, today))
+            if self._stop.is_set():
+                return
+
+
+def daily_jobs(store: Store, config: HubConfig) -> DailyJobs:
+    """The entry point the hub service starts: absences at the cut-offs, the report at ``report.send_at``."""
+    return DailyJobs(store, config)
