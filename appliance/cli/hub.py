@@ -44,3 +44,10 @@ def check(file: Path) -> None:
     """Validate a hub.toml without starting anything."""
     config = load_hub_config(file)
     click.echo(f"{file}: OK (hub {config.hub.id}, database {config.database.url.split('@')[-1]})")
+
+
+from appliance.cli.hub_attendance import absent, leave, report  # noqa: E402  (they use hub_config_option)
+
+hub.add_command(absent)
+hub.add_command(report)
+hub.add_command(leave)
