@@ -51,3 +51,7 @@ from appliance.cli.hub_attendance import absent, leave, report  # noqa: E402  (t
 hub.add_command(absent)
 hub.add_command(report)
 hub.add_command(leave)
+from appliance.cli.hub_roster import hub_roster, hub_templates  # noqa: E402  (they use hub_config_option)
+
+hub.add_command(hub_roster)
+hub.add_command(hub_templates)

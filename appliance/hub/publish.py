@@ -1,0 +1,451 @@
+"""``edugate hub roster publish``: the hub's roster and face templates to every gate, signed and retained.
+
+For each gate of a school (the ``devices`` table, filled from the gates' status messages, plus
+any named on the command line) the hub builds two downlink messages: a ``roster.snapshot`` (people
+with their cards; never parents' phones or e-mails) and a ``templates`` message (every active
+person's templates of one model in ``set``; everyone else on the roster in ``remove``, so a gate
+holds exactly the hub's templates). Each is signed with the hub's Ed25519 key and published at
+QoS 1 with the retain flag on ``{prefix}/{school}/{device}/downlink/{roster|templates}``: a gate
+that is offline, or installed later, gets the latest of each when it (re)connects and subscribes.
+
+One message per stream and gate, never batches: the broker keeps only the last retained message
+of a topic and a gate keeps one version per stream, so of a templates update split in parts a gate
+that comes back after its session expired would get the last part only. The shipped Mosquitto
+config sets no size limit (MQTT allows 256 MB); 2,000 students with 3 SFace templates each are about
+4 MB. A broker that announces a smaller maximum packet size, or refuses the message, is reported.
+
+Versions grow per (gate, stream) in ``published``: the Unix time of the publish, or the previous
+version + 1 if that is larger, so a hub whose database was rebuilt or restored from a backup still
+sends versions newer than what the gates hold. The version is recorded before the message leaves
+(with an empty digest: not confirmed) and the content's digest once the broker acknowledged it, so
+a version is never used twice and an unchanged stream is not sent again unless forced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from appliance.config import HubConfig
+from appliance.hub.roster import TemplateKeyError, hub_sealer, hub_templates, roster_people, template_models
+from appliance.hub.store import Connection
+from appliance.sync.downlink import new_message, schema_problem
+from appliance.sync.signing import sign
+from appliance.sync.topics import Topics
+from appliance.sync.transport import (
+    NO_MATCHING_SUBSCRIBERS,
+    TransportConfigError,
+    describe_connect_error,
+    describe_refusal,
+    read_password,
+)
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("roster", "templates")
+NO_MODEL = "none"  # the model of a templates message that only erases (nothing in ``set``)
+PACKET_OVERHEAD = 64  # fixed header, topic length, packet id and properties of a PUBLISH, besides topic and payload
+
+
+class PublishError(Exception):
+    """Nothing could be published (no roster, no broker); the message says what to do."""
+
+
+def digest(body: dict[str, Any]) -> str:
+    """The content's fingerprint: the same roster gives the same digest, whatever the envelope."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Item:
+    """One message for one gate and stream, and what became of it."""
+
+    school: str
+    device: str
+    stream: str
+    summary: str
+    digest: str
+    version: int | None = None
+    size: int = 0
+    nonce: str | None = None
+    state: str = "unchanged"  # unchanged | pending | sent | offline (retained, no subscriber now) | failed
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    payload: bytes = field(default=b"", repr=False)
+
+    @property
+    def delivered(self) -> bool:
+        return self.state in ("sent", "offline")
+
+
+@dataclass
+class SchoolPlan:
+    school: str
+    devices: list[str]
+    bodies: dict[str, tuple[dict[str, Any], str]]  # stream -> (body, summary)
+    notes: list[str] = field(default_factory=list)
+
+
+def known_devices(conn: Connection, school: str) -> list[str]:
+    return [r[0] for r in conn.all("SELECT device FROM devices WHERE school = ? ORDER BY device", [school])]
+
+
+def schools_to_publish(conn: Connection, config: HubConfig, school: str | None) -> list[str]:
+    if school is not None:
+        return [school]
+    if config.hub.schools:
+        return list(config.hub.schools)
+    return [r[0] for r in conn.all("SELECT DISTINCT school FROM people ORDER BY school")]
+
+
+def templates_body(conn: Connection, config: HubConfig, school: str, model: str | None) -> tuple[dict[str, Any], str]:
+    """The templates message body: active people's templates in ``set``, everyone else on the roster in ``remove``."""
+    models = template_models(conn, school)
+    if model is None:
+        if len(models) > 1:
+            raise PublishError(f"{school}: templates of several models at the hub ({', '.join(models)}); use --model")
+        model = models[0]
+    elif model not in models:
+        raise PublishError(f"{school}: no templates of model {model!r} at the hub (models: {', '.join(models)})")
+    stored = hub_templates(conn, hub_sealer(config, create=False), school, model)
+    active = {r[0] for r in conn.all("SELECT id FROM people WHERE school = ? AND active = 1", [school])}
+    everyone = {r[0] for r in conn.all("SELECT id FROM people WHERE school = ?", [school])}
+    chosen = {person: texts for person, texts in stored.items() if person in active}
+    body = {"model": model, "set": chosen, "remove": sorted(everyone - set(chosen))}
+    held_back = len(set(stored) - active)
+    summary = f"model {model}, {len(chosen)} people, {sum(len(v) for v in chosen.values())} templates"
+    if held_back:
+        summary += f", {held_back} not sent (inactive or not on the roster)"
+    return body, summary
+
+
+def plan_school(
+    conn: Connection, config: HubConfig, school: str, extra: Iterable[str], model: str | None
+) -> SchoolPlan:
+    """What each gate of the school should hold; refuses an empty roster (it would deactivate everyone)."""
+    devices = sorted(set(known_devices(conn, school)) | set(extra))
+    people = roster_people(conn, school)
+    if not people:
+        raise PublishError(f"{school}: no roster at the hub; run `edugate hub roster import FILE --school {school}`")
+    active = sum(1 for p in people if p["active"])
+    bodies: dict[str, tuple[dict[str, Any], str]] = {
+        "roster": ({"people": people}, f"{len(people)} people, {active} active")
+    }
+    notes: list[str] = []
+    if template_models(conn, school):
+        bodies["templates"] = templates_body(conn, config, school, model)
+    elif conn.one("SELECT 1 FROM published WHERE school = ? AND stream = 'templates'", [school]):
+        # Every template was erased at the hub after some were published: erase them on the gates too.
+        everyone = [str(p["id"]) for p in people]
+        bodies["templates"] = ({"model": NO_MODEL, "set": {}, "remove": everyone}, "no templates: erase all")
+    else:
+        notes.append("no face templates at the hub for this school: templates not sent")
+    for stream, (body, _) in bodies.items():
+        kind = "roster.snapshot" if stream == "roster" else "templates"
+        problem = schema_problem({**new_message(kind, school, "check", body, version=1), "sig": "-"})
+        if problem:
+            raise PublishError(f"{school}: the {stream} cannot be sent, a gate would refuse it: {problem}")
+    return SchoolPlan(school, devices, bodies, notes)
+
+
+def _previous(conn: Connection, device: str, stream: str) -> tuple[int, str] | None:
+    row = conn.one("SELECT version, digest FROM published WHERE device = ? AND stream = ?", [device, stream])
+    return (int(row[0]), str(row[1])) if row else None
+
+
+def next_version(previous: int | None) -> int:
+    return max((previous or 0) + 1, int(time.time()))
+
+
+def _record(conn: Connection, item: Item, confirmed: bool) -> None:
+    """Reserve the version (empty digest) before sending; store the digest once the broker has the message."""
+    assert item.version is not None
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO published(device, stream, school, version, digest, published_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(device, stream) DO UPDATE SET school = excluded.school, version = excluded.version, "
+            "digest = excluded.digest, published_at = excluded.published_at",
+            [
+                item.device,
+                item.stream,
+                item.school,
+                item.version,
+                item.digest if confirmed else "",
+                datetime.now(UTC).isoformat(timespec="seconds"),
+            ],
+        )
+
+
+def build_items(
+    conn: Connection, config: HubConfig, key: Ed25519PrivateKey, plan: SchoolPlan, force: bool
+) -> list[Item]:
+    """Signed messages for every gate and stream whose content changed (all of them with ``force``)."""
+    items = []
+    for device in plan.devices:
+        for stream, (body, summary) in plan.bodies.items():
+            item = Item(plan.school, device, stream, summary, digest(body))
+            previous = _previous(conn, device, stream)
+            if previous is not None and previous[1] == item.digest and not force:
+                item.version = previous[0]
+                items.append(item)
+                continue
+            item.version = next_version(previous[0] if previous else None)
+            kind = "roster.snapshot" if stream == "roster" else "templates"
+            message = sign(key, new_message(kind, plan.school, device, body, version=item.version))
+            item.nonce = message["nonce"]
+            item.payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            item.size = len(item.payload)
+            item.state = "pending"
+            items.append(item)
+    return items
+
+
+class BrokerSession:
+    """A short MQTT 5 session of the hub: clean start, no session left at the broker, every PUBACK awaited.
+
+    Not the daemon's MqttTransport: that one keeps a persistent session, which for a one-off
+    command would leave the broker queueing gates' results for a client that never returns.
+    """
+
+    def __init__(self, config: HubConfig) -> None:
+        link = config.mqtt
+        self.link = link
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(link, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise TransportConfigError(f"mqtt.{name} {path}: missing or not readable by this user")
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"edugate-{config.hub.id}-publish-{os.getpid()}",
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=False,  # a lost connection ends the command; nothing is resent behind its back
+        )
+        self.client.username_pw_set(link.username or "hub", read_password(link))
+        if link.tls:
+            context = ssl.create_default_context(cafile=str(link.ca_file))
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if link.cert_file is not None:
+                context.load_cert_chain(str(link.cert_file), str(link.key_file))
+            self.client.tls_set_context(context)
+        self.client.on_connect = self._on_connect
+        self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+        self._cond = threading.Condition()
+        self._connack: ReasonCode | None = None
+        self.lost: str | None = None  # why the connection ended, once it has
+        self.max_packet: int | None = None
+        self._acks: dict[int, ReasonCode] = {}
+        self._subacks: set[int] = set()
+        self.results: dict[str, dict[str, Any]] = {}
+        self.wanted: set[str] = set()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        with self._cond:
+            self._connack = reason
+            self.max_packet = getattr(props, "MaximumPacketSize", None)
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        with self._cond:
+            self.lost = str(reason)
+            self._cond.notify_all()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
+        with self._cond:
+            self._acks[mid] = reason
+            self._cond.notify_all()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        with self._cond:
+            self._subacks.add(mid)
+            self._cond.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            result = json.loads(message.payload)
+        except ValueError:
+            return
+        if isinstance(result, dict) and result.get("ref") in self.wanted:
+            with self._cond:
+                self.results[result["ref"]] = result
+                self._cond.notify_all()
+
+    def _wait(self, done: Any, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(done, timeout)
+
+    def connect(self, timeout: float = 15.0) -> None:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 0
+        try:
+            self.client.connect(
+                self.link.host, self.link.port, keepalive=self.link.keepalive, clean_start=True, properties=properties
+            )
+        except (OSError, ValueError) as exc:
+            raise PublishError(describe_connect_error(exc, self.link)) from None
+        self.client.loop_start()
+        if not self._wait(lambda: self._connack is not None, timeout):
+            self.close()
+            raise PublishError(f"no answer from the broker at {self.link.host}:{self.link.port} within {timeout:.0f} s")
+        assert self._connack is not None
+        if self._connack.is_failure:
+            self.close()
+            raise PublishError(describe_refusal(self._connack))
+
+    def subscribe(self, topic: str, timeout: float = 10.0) -> None:
+        _, mid = self.client.subscribe(topic, qos=1)
+        if not self._wait(lambda: mid in self._subacks, timeout):
+            raise PublishError(f"the broker did not confirm the subscription to {topic}")
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise PublishError(f"could not queue a message on {topic}: {mqtt.error_string(info.rc)}")
+        return info.mid
+
+    def acks(self, mids: list[int], timeout: float) -> dict[int, ReasonCode]:
+        self._wait(lambda: all(m in self._acks for m in mids) or self.lost is not None, timeout)
+        with self._cond:
+            return {m: self._acks[m] for m in mids if m in self._acks}
+
+    def wait_results(self, refs: set[str], timeout: float) -> None:
+        self._wait(lambda: refs <= set(self.results), timeout)
+
+    def close(self) -> None:
+        if self.client.is_connected():
+            self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _too_large(item: Item, topic: str, limit: int | None) -> str | None:
+    if limit is None or item.size + len(topic.encode()) + PACKET_OVERHEAD <= limit:
+        return None
+    return (
+        f"{item.size:,} bytes, more than the broker accepts ({limit:,} bytes, max_packet_size in mosquitto.conf); "
+        "raise the broker's limit"
+    )
+
+
+def send(session: BrokerSession, conn: Connection, prefix: str, items: list[Item], ack_timeout: float) -> None:
+    """Publish every pending item retained at QoS 1 and record what the broker acknowledged."""
+    by_mid: dict[int, Item] = {}
+    for item in items:
+        if item.state != "pending":
+            continue
+        topic = Topics(prefix, item.school, item.device).downlink_topic(item.stream)
+        problem = _too_large(item, topic, session.max_packet)
+        if problem:
+            item.state, item.error = "failed", problem
+            continue
+        _record(conn, item, confirmed=False)
+        if item.nonce is not None:
+            session.wanted.add(item.nonce)
+        by_mid[session.publish(topic, item.payload)] = item
+    total = sum(i.size for i in by_mid.values())
+    acks = session.acks(list(by_mid), ack_timeout + total / 1_000_000)  # a second more per MB on a slow link
+    for mid, item in by_mid.items():
+        reason = acks.get(mid)
+        item.payload = b""
+        if reason is None and session.lost is not None:
+            # Mosquitto 2.0 answers a message over message_size_limit with a PUBACK code that MQTT 5 does
+            # not allow there (0x95); paho takes it for a malformed packet and drops the connection.
+            item.state = "failed"
+            item.error = (
+                f"the connection ended before the broker acknowledged it ({session.lost}); a broker does so for a "
+                f"message over message_size_limit in mosquitto.conf (this one: {item.size:,} bytes)"
+            )
+        elif reason is None:
+            item.state, item.error = "failed", "no acknowledgement from the broker within the time allowed"
+        elif reason.is_failure:
+            item.state, item.error = "failed", f"the broker refused it ({reason})"
+        else:
+            item.state = "offline" if reason.value == NO_MATCHING_SUBSCRIBERS else "sent"
+            _record(conn, item, confirmed=True)
+        log.info(
+            "hub: %s %s version %s to %s: %s", item.school, item.stream, item.version, item.device, item.error or "ok"
+        )
+
+
+@dataclass
+class PublishReport:
+    items: list[Item] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # "school: ..." lines that are not errors
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return (
+            bool(self.errors)
+            or any(i.state == "failed" for i in self.items)
+            or any(i.result is not None and not i.result.get("ok") for i in self.items)
+        )
+
+
+def publish(
+    conn: Connection,
+    config: HubConfig,
+    key: Ed25519PrivateKey,
+    school: str | None = None,
+    devices: Iterable[str] = (),
+    force: bool = False,
+    model: str | None = None,
+    wait: float = 0.0,
+    ack_timeout: float = 30.0,
+) -> PublishReport:
+    """Plan, sign, send and (with ``wait``) collect the gates' answers; the report says what happened per gate."""
+    report = PublishReport()
+    extra = list(devices)
+    schools = schools_to_publish(conn, config, school)
+    if extra and len(schools) > 1:
+        # A gate may read every school's downlink under its own name (the ACL does not check the school level).
+        raise PublishError(f"this hub serves {len(schools)} schools: name the gate's school with --school")
+    for name in schools:
+        try:
+            plan = plan_school(conn, config, name, extra, model)
+        except (PublishError, TemplateKeyError) as exc:
+            report.errors.append(str(exc))
+            continue
+        report.notes += [f"{name}: {note}" for note in plan.notes]
+        if not plan.devices:
+            report.notes.append(
+                f"{name}: no known gates (a gate is known once the hub has its status; name one with --device)"
+            )
+        report.items += build_items(conn, config, key, plan, force)
+    pending = [i for i in report.items if i.state == "pending"]
+    if not pending:
+        return report
+    session = BrokerSession(config)
+    session.connect()
+    try:
+        if wait > 0:
+            for name in sorted({i.school for i in pending}):
+                session.subscribe(f"{config.mqtt.topic_prefix}/{name}/+/result")
+        send(session, conn, config.mqtt.topic_prefix, pending, ack_timeout)
+        live = {i.nonce for i in pending if i.state == "sent" and i.nonce}
+        if wait > 0 and live:
+            session.wait_results(live, wait)
+            for item in pending:
+                if item.nonce is not None:
+                    item.result = session.results.get(item.nonce)
+    except OSError as exc:
+        raise PublishError(f"the connection to the broker failed: {exc}") from None
+    finally:
+        session.close()
+    return report

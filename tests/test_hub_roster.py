@@ -1,0 +1,502 @@
+"""Roster and face templates from the hub to the gates: real Mosquitto, real gate daemons, SQLite and PostgreSQL.
+
+What a school relies on: the export it imports at the hub is what every gate knows, a gate that was
+off (or is new) catches up by itself, nothing is sent twice for nothing, and nothing the gate obeys
+can be forged or altered on the way. Parents' contacts never leave the hub.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from daemon_harness import send_taps
+from hub_support import HubProcess, write_hub_config
+from mqtt_broker import BROKER_USERS, Broker, MqttPeer, Pki
+from sync_support import BASE, DEVICE, SCHOOL
+
+from appliance.cli import main
+from appliance.config import load_hub_config
+from appliance.hub.roster import hub_sealer, hub_templates, import_templates
+from appliance.hub.store import Connection, Store
+from appliance.journal import open_database
+from appliance.journal.roster_store import RosterStore
+from appliance.journal.sealing import Sealer
+from appliance.journal.template_store import TemplateStore
+from appliance.sync.signing import load_private_key
+
+MODEL = "sface-test"
+HEADER = "STT,Mã học sinh,Họ và tên,Lớp,Vai trò,Mã thẻ,SĐT phụ huynh,Email phụ huynh,Trạng thái\n"
+ROWS = {
+    "HS001": "1,HS001,Nguyễn Văn An,6A,Học sinh,04A1B2C3,0912 345 678,me.an@example.vn,Đang học\n",
+    "HS002": "2,HS002,Trần Thị Bình,6A,Học sinh,04A1B2C4,0987654321,,Đang học\n",
+    "HS003": "3,HS003,Lê Hoàng Cường,7B,Học sinh,04:a1:b2:c5,,bo.cuong@example.vn,Đang học\n",
+    "GV001": "4,GV001,Phạm Thu Hà,,Giáo viên,04A1B2C6,,,\n",
+}
+
+
+def write_csv(path: Path, rows: list[str]) -> Path:
+    path.write_text(HEADER + "".join(rows), encoding="utf-8")
+    return path
+
+
+def hub_toml(
+    tmp_path: Path,
+    store: Store,
+    broker: Broker | None = None,
+    pki: Pki | None = None,
+    schools: tuple[str, ...] = (SCHOOL,),
+) -> Path:
+    """hub.toml on the test's database, with a signing key made by `edugate sync keygen`."""
+    key_file = tmp_path / "hub-signing.key"
+    if not key_file.exists():
+        result = cli("sync", "keygen", "--out", str(key_file))
+        assert result.exit_code == 0, result.output
+    database: dict[str, Any] = {"url": store.url}
+    if store.config.password_file is not None:
+        database["password_file"] = str(store.config.password_file)
+    sections: dict[str, dict[str, Any]] = {
+        "hub": {"id": "hub-test", "schools": list(schools)},
+        "database": database,
+        "signing": {"key_file": str(key_file), "template_key_file": str(tmp_path / "hub-templates.key")},
+        "api": {"enabled": False},
+    }
+    if broker is not None:
+        assert pki is not None
+        password = tmp_path / "hub.password"
+        password.write_text(BROKER_USERS["hub"] + "\n")
+        sections["mqtt"] = {
+            "host": broker.host,
+            "port": broker.port,
+            "tls": True,
+            "ca_file": str(pki.ca),
+            "username": "hub",
+            "password_file": str(password),
+            "keepalive": 5,
+            "backoff_min": 0.2,
+            "backoff_max": 1.0,
+        }
+    return write_hub_config(tmp_path / "hub.toml", sections)
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def people_of(conn: Connection) -> dict[str, tuple[Any, ...]]:
+    rows = conn.all(
+        "SELECT id, full_name, role, class_name, active, cards, parent_phones, parent_emails FROM people "
+        "WHERE school = ?",
+        [SCHOOL],
+    )
+    return {r[0]: (r[1], r[2], r[3], bool(r[4]), json.loads(r[5]), json.loads(r[6]), json.loads(r[7])) for r in rows}
+
+
+def vectors(seed: int, count: int = 3, dim: int = 128) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_normal((count, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def enroll_on_a_gate(folder: Path, people: dict[str, np.ndarray]) -> tuple[Path, Path]:
+    """A gate journal with sealed templates, as `edugate enroll` leaves it; returns (journal, key file)."""
+    folder.mkdir(exist_ok=True)
+    journal, key = folder / "journal.db", folder / "templates.key"
+    database = open_database(journal, writer=True)
+    try:
+        store = TemplateStore(database, Sealer.from_file(key))
+        for person, rows in people.items():
+            store.add(person, MODEL, rows)
+    finally:
+        database.close()
+    return journal, key
+
+
+def gate_roster(journal: Path) -> dict[str, Any]:
+    database = open_database(journal, readonly=True)
+    try:
+        return {p.id: p for p in RosterStore(database).all()}
+    finally:
+        database.close()
+
+
+def gate_templates(journal: Path, key: Path) -> dict[str, np.ndarray]:
+    database = open_database(journal, readonly=True)
+    try:
+        return TemplateStore(database, Sealer.from_file(key)).load(MODEL)
+    finally:
+        database.close()
+
+
+def gate_meta(journal: Path, key: str) -> str | None:
+    database = open_database(journal, readonly=True)
+    try:
+        row = database.conn.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return row[0] if row else None
+    finally:
+        database.close()
+
+
+def published(conn: Connection) -> dict[tuple[str, str], tuple[int, str]]:
+    return {(r[0], r[1]): (int(r[2]), r[3]) for r in conn.all("SELECT device, stream, version, digest FROM published")}
+
+
+def wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out: {what}")
+        time.sleep(0.1)
+
+
+def with_face_key(gate: Any) -> Path:
+    """The gate's vision.key_file in its own folder (templates from the hub are sealed with it)."""
+    key = gate.dir / "templates.key"
+    gate.config.write_text(gate.config.read_text() + f'\n[vision]\nkey_file = "{key}"\n')
+    return key
+
+
+# ------------------------------------------------------------------------------------------------ import
+
+
+def test_roster_import_with_vietnamese_headers_is_all_or_nothing(hub_store: Store, tmp_path: Path) -> None:
+    config = hub_toml(tmp_path, hub_store)
+    first = write_csv(tmp_path / "ds.csv", list(ROWS.values()))
+    result = cli("hub", "roster", "import", str(first), "--school", SCHOOL, "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "4 added" in result.stdout
+    conn = hub_store.connect()
+    try:
+        people = people_of(conn)
+        assert people["HS001"] == (
+            "Nguyễn Văn An",
+            "student",
+            "6A",
+            True,
+            ["04A1B2C3"],
+            ["+84912345678"],
+            ["me.an@example.vn"],
+        )
+        assert people["HS003"][4] == ["04A1B2C5"]  # "04:a1:b2:c5" normalised
+        assert people["GV001"][1:4] == ("staff", None, True)
+
+        # A row with a problem: nothing changes, every problem is named with its row.
+        broken = write_csv(
+            tmp_path / "broken.csv",
+            [ROWS["HS001"], "2,HS002,Trần Thị Bình,,Học sinh,04A1B2C4,,,\n", ROWS["HS001"].replace("HS001", "HS004")],
+        )
+        result = cli("hub", "roster", "import", str(broken), "--school", SCHOOL, "--config", str(config))
+        assert result.exit_code == 1
+        assert "rejected, nothing imported" in result.stderr
+        assert "row 3 (HS002): missing class" in result.stderr
+        assert "row 4 (HS004): duplicate card 04A1B2C3 (also on row 2, HS001)" in result.stderr
+        assert people_of(conn) == people
+
+        # The next export: HS002 left the school and her card went to a new student; HS001 changed class.
+        moved = ROWS["HS002"].replace("HS002", "HS005").replace("Trần Thị Bình", "Đỗ Minh Em")
+        second = write_csv(
+            tmp_path / "ds2.csv", [ROWS["HS001"].replace(",6A,", ",7A,"), ROWS["HS003"], ROWS["GV001"], moved]
+        )
+        result = cli("hub", "roster", "import", str(second), "--school", SCHOOL, "--config", str(config))
+        assert result.exit_code == 0, result.output
+        assert "1 added, 1 updated, 2 unchanged, 1 deactivated" in result.stdout
+        assert "card 04A1B2C4 moved from HS002 to HS005" in result.stdout
+        after = people_of(conn)
+        assert after["HS002"][3] is False and after["HS002"][4] == []  # kept (history), inactive, card gone
+        assert after["HS005"][4] == ["04A1B2C4"] and after["HS001"][2] == "7A"
+
+        # Another school's roster is its own.
+        other = write_csv(tmp_path / "other.csv", [ROWS["HS001"]])
+        assert cli("hub", "roster", "import", str(other), "--school", "thcs-b", "--config", str(config)).exit_code == 0
+        assert people_of(conn) == after
+    finally:
+        conn.close()
+
+
+def test_templates_import_reseals_a_gates_templates_with_the_hubs_key(hub_store: Store, tmp_path: Path) -> None:
+    config_path = hub_toml(tmp_path, hub_store)
+    enrolled = {"HS001": vectors(1), "GV001": vectors(2, count=2)}
+    journal, key = enroll_on_a_gate(tmp_path / "gate", enrolled)
+    args = ["hub", "templates", "import", "--school", SCHOOL, "--journal", str(journal), "--config", str(config_path)]
+
+    wrong = tmp_path / "other.key"
+    Sealer.from_file(wrong)  # a real key of another gate
+    result = cli(*args, "--key-file", str(wrong))
+    assert result.exit_code == 1 and "do not open with this key" in result.stderr
+    result = cli(*args, "--key-file", str(tmp_path / "typo.key"))
+    assert result.exit_code == 1 and "no such key file" in result.stderr
+    assert not (tmp_path / "typo.key").exists()  # a mistyped path creates no key
+
+    result = cli(*args, "--key-file", str(key))
+    assert result.exit_code == 0, result.output
+    assert "imported 5 templates of 2 people" in result.stdout
+    assert "2 people are not on the hub's roster" in result.stdout
+    config = load_hub_config(config_path)
+    assert stat.S_IMODE(os.stat(config.signing.template_key_file).st_mode) == 0o600
+
+    conn = hub_store.connect()
+    try:
+        stored = conn.all("SELECT person, model, sealed FROM templates WHERE school = ?", [SCHOOL])
+        assert sorted((p, m) for p, m, _ in stored) == [("GV001", MODEL), ("HS001", MODEL)]
+        clear = base64.b64encode(enrolled["HS001"][0].astype("<f4").tobytes()).decode()
+        assert all(clear[:40] not in sealed for _, _, sealed in stored)  # sealed, not plain
+        opened = hub_templates(conn, hub_sealer(config, create=False), SCHOOL, MODEL)
+        for person, rows in enrolled.items():
+            back = np.vstack([np.frombuffer(base64.b64decode(t), dtype="<f4") for t in opened[person]])
+            assert np.array_equal(back, rows)
+
+        # A blob moved to another person does not open: it is bound to (school, person, model).
+        conn.execute(
+            "UPDATE templates SET sealed = (SELECT sealed FROM templates WHERE person = 'GV001') WHERE person = 'HS001'"
+        )
+        with pytest.raises(Exception, match="does not open"):
+            hub_templates(conn, hub_sealer(config, create=False), SCHOOL, MODEL)
+
+        result = cli("hub", "templates", "remove", "HS001", "GV001", "--school", SCHOOL, "--config", str(config_path))
+        assert result.exit_code == 0, result.output
+        assert conn.all("SELECT person FROM templates WHERE school = ?", [SCHOOL]) == []
+    finally:
+        conn.close()
+
+
+# ----------------------------------------------------------------------------------------------- publish
+
+
+def test_publish_reaches_a_real_gate_and_only_changes_are_sent_again(
+    hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki, gate_factory: Any
+) -> None:
+    config = hub_toml(tmp_path, hub_store, broker, pki)
+    key = load_private_key(tmp_path / "hub-signing.key")
+    assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
+               SCHOOL, "--config", str(config)).exit_code == 0  # fmt: skip
+    enrolled = {"HS001": vectors(1), "HS002": vectors(2), "GV001": vectors(3, count=2)}
+    journal, gate_key = enroll_on_a_gate(tmp_path / "office-gate", enrolled)
+    result = cli("hub", "templates", "import", "--school", SCHOOL, "--journal", str(journal), "--key-file",
+                 str(gate_key), "--config", str(config))  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    hub = HubProcess(config).start(wait_for="sync: connected")
+    try:
+        gate = gate_factory(broker, hub_key=key)
+        face_key = with_face_key(gate)
+        gate.start()
+        conn = hub_store.connect()
+        try:
+            # The gate is known from its status message, which the hub stored.
+            wait(lambda: conn.one("SELECT 1 FROM devices WHERE device = ?", [DEVICE]), 20, "gate-01 known")
+
+            result = cli("hub", "roster", "publish", "--wait", "20", "--config", str(config))
+            assert result.exit_code == 0, result.output
+            assert f"{SCHOOL}/{DEVICE} roster: version" in result.stdout
+            assert "4 people, 4 active" in result.stdout
+            assert "applied by the gate (added 4, deactivated 0, updated 0)" in result.stdout
+            assert "applied by the gate (people_erased 0, templates 8)" in result.stdout
+            first = published(conn)
+            assert all(digest for _, digest in first.values())
+
+            people = gate_roster(gate.journal)
+            assert sorted(people) == sorted(ROWS)
+            assert people["HS001"].full_name == "Nguyễn Văn An" and people["HS001"].cards == ("04A1B2C3",)
+            assert all(p.parent_phones == () and p.parent_emails == () for p in people.values())  # privacy
+            held = gate_templates(gate.journal, face_key)
+            assert sorted(held) == sorted(enrolled)
+            assert all(np.array_equal(held[p], enrolled[p]) for p in enrolled)
+
+            # A tap of an imported card is an arrival of that person, all the way into the hub.
+            send_taps(gate.lane, ["04A1B2C3"])
+            wait(
+                lambda: conn.one("SELECT kind FROM events WHERE person = 'HS001' AND kind = 'arrival'"),
+                20,
+                "HS001's arrival at the hub",
+            )
+            # The hub recorded the gate's answers too.
+            answers = "SELECT type, ok FROM downlink_results WHERE device = ? ORDER BY type"
+            wait(lambda: len(conn.all(answers, [DEVICE])) == 2, 10, "the gate's answers at the hub")
+            assert conn.all(answers, [DEVICE]) == [("roster.snapshot", 1), ("templates", 1)]
+
+            # Nothing changed: nothing is sent.
+            result = cli("hub", "roster", "publish", "--config", str(config))
+            assert result.exit_code == 0, result.output
+            assert result.stdout.count("unchanged") == 2 and "sent" not in result.stdout.replace("not sent", "")
+            assert published(conn) == first
+
+            # HS002 leaves the school: a newer roster version deactivates her and erases her face on the gate.
+            rows = [ROWS["HS001"].replace("Nguyễn Văn An", "Nguyễn Văn Anh"), ROWS["HS003"], ROWS["GV001"]]
+            assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds2.csv", rows)), "--school", SCHOOL,
+                       "--config", str(config)).exit_code == 0  # fmt: skip
+            result = cli("hub", "roster", "publish", "--wait", "20", "--config", str(config))
+            assert result.exit_code == 0, result.output
+            assert "applied by the gate (added 0, deactivated 0, updated 2)" in result.stdout  # HS002: now inactive
+            assert "applied by the gate (people_erased 1, templates 5)" in result.stdout
+            second = published(conn)
+            for stream in ("roster", "templates"):
+                assert second[(DEVICE, stream)][0] > first[(DEVICE, stream)][0]
+            assert gate_meta(gate.journal, "downlink.roster") == str(second[(DEVICE, "roster")][0])
+            people = gate_roster(gate.journal)
+            assert not people["HS002"].active and people["HS001"].full_name == "Nguyễn Văn Anh"
+            assert sorted(gate_templates(gate.journal, face_key)) == ["GV001", "HS001"]
+        finally:
+            conn.close()
+    finally:
+        hub.stop()
+
+
+def test_an_offline_gate_gets_the_retained_roster_when_it_starts(
+    hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki, gate_factory: Any, subscriber_factory: Any
+) -> None:
+    config = hub_toml(tmp_path, hub_store, broker, pki)
+    key = load_private_key(tmp_path / "hub-signing.key")
+    assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
+               SCHOOL, "--config", str(config)).exit_code == 0  # fmt: skip
+    results = subscriber_factory(topics=[f"{BASE}/result"])
+
+    # No gate has ever connected: the hub knows none, so it is named.
+    result = cli("hub", "roster", "publish", "--config", str(config))
+    assert result.exit_code == 0 and "no known gates" in result.stdout
+    result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "roster: version" in result.stdout and "gate offline: it gets it when it connects" in result.stdout
+    assert "no face templates at the hub" in result.stdout
+
+    gate = gate_factory(broker, hub_key=key)
+    gate.start()
+    wait(lambda: len(gate_roster(gate.journal)) == 4, 20, "the retained roster applied at start")
+    version = gate_meta(gate.journal, "downlink.roster")
+    results.wait_for(lambda m: len(m) >= 1, 10)
+    applied = json.loads(results.messages()[0].payload)
+    assert applied["ok"] and applied["type"] == "roster.snapshot"
+
+    # A restart meets the same retained message again: refused, harmlessly (already applied).
+    gate.stop()
+    gate.start()
+    results.wait_for(lambda m: len(m) >= 2, 20)
+    again = json.loads(results.messages()[1].payload)
+    assert again["ref"] == applied["ref"] and not again["ok"]
+    assert "replayed" in again["reason"] or "stale" in again["reason"]
+    assert gate_meta(gate.journal, "downlink.roster") == version
+    assert len(gate_roster(gate.journal)) == 4
+
+
+def test_a_tampered_retained_roster_is_refused_and_force_restores_it(
+    hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki, gate_factory: Any, subscriber_factory: Any
+) -> None:
+    config = hub_toml(tmp_path, hub_store, broker, pki)
+    key = load_private_key(tmp_path / "hub-signing.key")
+    assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
+               SCHOOL, "--config", str(config)).exit_code == 0  # fmt: skip
+    assert cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config)).exit_code == 0
+    gate = gate_factory(broker, hub_key=key)
+    gate.start()
+    wait(lambda: len(gate_roster(gate.journal)) == 4, 20, "roster applied")
+    gate.stop()
+
+    # Anyone holding the gate's login can read the retained message; the hub's login can overwrite it.
+    reader = MqttPeer(broker, DEVICE, BROKER_USERS[DEVICE])
+    reader.connect()
+    reader.subscribe(f"{BASE}/downlink/roster")
+    reader.wait_for(lambda m: len(m) == 1, 10)
+    original = json.loads(reader.messages()[0].payload)
+    reader.close()
+    altered = json.loads(json.dumps(original))
+    thief = next(p for p in altered["body"]["people"] if p["id"] == "HS003")
+    thief["cards"].append("0BADCAFE")  # a card of someone else's, to walk in as HS003
+    altered["version"] += 1
+    hub_peer = MqttPeer(broker, "hub", BROKER_USERS["hub"])
+    hub_peer.connect()
+    hub_peer.publish(f"{BASE}/downlink/roster", json.dumps(altered).encode(), retain=True)
+    hub_peer.close()
+
+    results = subscriber_factory(topics=[f"{BASE}/result"])
+    gate.start()
+    results.wait_for(lambda m: len(m) >= 1, 20)
+    refusal = json.loads(results.messages()[0].payload)
+    assert not refusal["ok"] and "signature" in refusal["reason"]
+    assert "0BADCAFE" not in gate_roster(gate.journal)["HS003"].cards
+
+    # The hub believes the gate is up to date; --force replaces the altered retained message.
+    result = cli("hub", "roster", "publish", "--device", DEVICE, "--force", "--wait", "20", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "applied by the gate" in result.stdout
+
+
+def test_a_school_sized_templates_message_passes_the_production_broker(
+    hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki, gate_factory: Any
+) -> None:
+    """2,000 students with 3 SFace-sized templates each: one message of about 4 MB, applied whole."""
+    config_path = hub_toml(tmp_path, hub_store, broker, pki)
+    config = load_hub_config(config_path)
+    count = 2000
+    lines = [f"{i},HS{i:05d},Học Sinh {i},6A,Học sinh,{0x04000000 + i:08X},,,\n" for i in range(count)]
+    assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", lines)), "--school", SCHOOL,
+               "--config", str(config_path)).exit_code == 0  # fmt: skip
+    rng = np.random.default_rng(7)
+    faces = {f"HS{i:05d}": rng.standard_normal((3, 128)).astype(np.float32) for i in range(count)}
+    conn = hub_store.connect()
+    try:
+        import_templates(conn, hub_sealer(config, create=True), SCHOOL, {MODEL: faces})
+    finally:
+        conn.close()
+    gate = gate_factory(broker, hub_key=load_private_key(tmp_path / "hub-signing.key"))
+    face_key = with_face_key(gate)
+    gate.start()
+    gate.wait(lambda: gate.sync_status().get("state") == "online", 15, "online")
+
+    result = cli("hub", "roster", "publish", "--device", DEVICE, "--wait", "60", "--config", str(config_path))
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if " templates: " in x)
+    assert "2000 people, 6000 templates" in line and "applied by the gate" in line
+    size = float(line.split("; ")[1].split(" MB")[0])
+    assert 3.5 < size < 6, line
+    held = gate_templates(gate.journal, face_key)
+    assert len(held) == count and np.array_equal(held["HS01999"], faces["HS01999"])
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [("message_size_limit", "over message_size_limit"), ("max_packet_size", "more than the broker accepts")],
+)
+def test_a_broker_limit_below_the_message_is_reported_and_retried(
+    hub_store: Store, tmp_path: Path, broker_factory: Any, pki: Pki, setting: str, says: str
+) -> None:
+    small = broker_factory(settings={setting: "60000"})
+    config_path = hub_toml(tmp_path, hub_store, small, pki)
+    assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
+               SCHOOL, "--config", str(config_path)).exit_code == 0  # fmt: skip
+    conn = hub_store.connect()
+    try:
+        faces = {person: vectors(i, count=30) for i, person in enumerate(ROWS)}  # 120 x ~700 bytes of base64
+        import_templates(conn, hub_sealer(load_hub_config(config_path), create=True), SCHOOL, {MODEL: faces})
+        result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
+        assert result.exit_code == 1
+        assert f"{SCHOOL}/{DEVICE} templates: NOT SENT" in result.stderr and says in result.stderr
+        assert "roster: version" in result.stdout  # the small roster went
+        rows = published(conn)
+        assert rows[(DEVICE, "roster")][1] != ""
+        assert rows.get((DEVICE, "templates"), (0, ""))[1] == ""  # not confirmed: tried again next time
+        again = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
+        assert again.exit_code == 1 and "roster: unchanged" in again.stdout and "NOT SENT" in again.stderr
+    finally:
+        conn.close()
+
+
+def test_publish_refuses_without_a_roster_or_a_signing_key(hub_store: Store, tmp_path: Path) -> None:
+    config = hub_toml(tmp_path, hub_store)
+    result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config))
+    assert result.exit_code == 1 and "no roster at the hub" in result.stderr
+    (tmp_path / "hub-signing.key").unlink()
+    result = cli("hub", "roster", "publish", "--config", str(config))
+    assert result.exit_code == 1 and "cannot read the signing key" in result.stderr
+    result = cli("hub", "roster", "publish", "--device", "gate 1", "--config", str(config))
+    assert result.exit_code == 2 and "letters, digits" in result.stderr
+    # A gate can read any school's downlink under its own name: it gets its own school's roster only.
+    two = hub_toml(tmp_path, hub_store, schools=(SCHOOL, "thcs-b"))
+    result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(two))
+    assert result.exit_code == 1 and "name the gate's school with --school" in result.stderr
