@@ -291,10 +291,27 @@ class ReportConfig(Section):
 
 
 class ApiConfig(Section):
+    """The hub's HTTP API for the school office and integrations (appliance/hub/api/)."""
+
     enabled: bool = True
-    listen: str = Field("127.0.0.1", description="address of the read-only HTTP API")
+    listen: str = Field(
+        "127.0.0.1", min_length=1, description="address of the HTTP API (0.0.0.0 or :: = every interface)"
+    )
     port: int = Field(8780, ge=1, le=65535)
-    token_file: Path | None = Field(None, description="bearer tokens, one per line; the API refuses all without")
+    token_file: Path | None = Field(
+        None,
+        description="bearer tokens, one per line (# starts a comment, at least 16 characters each); "
+        "re-read when it changes; without it the API refuses every request",
+    )
+    workers: int = Field(8, ge=1, le=64, description="requests answered at once, each with its own database connection")
+    tls_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate chain (PEM)")
+    tls_key_file: Path | None = Field(None, description="the certificate's private key (PEM)")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
 
 
 class HubConfig(Section):

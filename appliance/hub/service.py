@@ -85,6 +85,10 @@ class HubService:
 
     def _add_optional_parts(self) -> None:
         """Parts that each live in their own module, started only when configured."""
+        if self.config.api.enabled:
+            from appliance.hub.api import api_server
+
+            self.components.append(api_server(self.store, self.config))
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()

@@ -1,0 +1,517 @@
+"""The routes of the hub's API (FastAPI): attendance, a person's history, gates, health, leave requests.
+
+Handlers are plain functions, run by FastAPI in a bounded thread pool; each takes a database
+connection from the pool for the length of the request. Every error is ``{"error": "..."}``
+with the status that fits (401, 404, 422, 503), and JSON is UTF-8 with names as they are.
+"""
+
+import base64
+import binascii
+import json
+import logging
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from appliance import __version__
+from appliance.config import HubConfig
+from appliance.hub import attendance
+from appliance.hub.api.auth import Caller, NoTokens, TokenFile
+from appliance.hub.api.models import (
+    ClassAttendance,
+    Counts,
+    ErrorOut,
+    EventOut,
+    GateOut,
+    Gates,
+    Health,
+    LeaveIn,
+    LeaveOut,
+    PersonEvents,
+    SchoolAttendance,
+    StreamOut,
+    StudentOut,
+)
+from appliance.hub.api.pool import ConnectionPool
+from appliance.hub.leave import LeaveError, add_leave, request_id
+from appliance.hub.store import Connection, StoreError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+REALM = 'Bearer realm="edugate-hub"'
+EventKind = Literal["arrival", "departure", "tap", "unknown_card", "rejected", "card_face_mismatch", "unknown_face"]
+_ISO_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class UTF8JSON(JSONResponse):
+    """JSON with its charset spelled out: some office tools guess Latin-1 for Vietnamese text otherwise."""
+
+    media_type = "application/json; charset=utf-8"
+
+
+class ApiError(Exception):
+    """An answer other than 200: status, one line, and extra headers (WWW-Authenticate)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> UTF8JSON:
+    return UTF8JSON({"error": message}, status_code=status, headers=headers)
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "no token, or a token that is not in api.token_file"},
+    422: {"model": ErrorOut, "description": "a parameter or the body is not valid (e.g. a date not YYYY-MM-DD)"},
+    503: {"model": ErrorOut, "description": "no token file configured, or the database is unreachable"},
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "unknown school, class or person"}
+}
+
+
+def parse_day(value: str | None, name: str, today: date) -> date:
+    """A YYYY-MM-DD query value (``today`` when absent); anything else is a 422 naming the parameter."""
+    if value is None:
+        return today
+    try:
+        if not _ISO_DAY.match(value):
+            raise ValueError
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ApiError(422, f"{name}: not a date (YYYY-MM-DD): {value!r}") from None
+
+
+def _encode_cursor(ts: str, event_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([ts, event_id]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        ts, event_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if isinstance(ts, str) and isinstance(event_id, str):
+            return ts, event_id
+    except (ValueError, TypeError, binascii.Error):
+        pass
+    raise ApiError(422, "cursor: not a cursor from this API's 'next' field")
+
+
+def _age(iso: str | None, now: datetime) -> int | None:
+    if not iso:
+        return None
+    try:
+        return max(0, round((now - datetime.fromisoformat(iso)).total_seconds()))
+    except ValueError:
+        return None
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    return isinstance(exc, StoreError | sqlite3.Error) or type(exc).__module__.startswith("psycopg")
+
+
+def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> FastAPI:
+    """The API as an ASGI application (served by :mod:`appliance.hub.api.server`)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Handlers run in AnyIO's thread pool; bound it so at most ``workers`` database connections exist.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = config.api.workers
+        yield
+
+    app = FastAPI(
+        title="edugate hub API",
+        version=__version__,
+        summary="Attendance, people's gate history and gate status of the schools this hub serves.",
+        description=(
+            "Every request needs `Authorization: Bearer <token>`, a token from the file named by "
+            '`api.token_file` in hub.toml. Errors are `{"error": "..."}`. Dates are YYYY-MM-DD; '
+            "times are ISO 8601 with the gate's offset. JSON is UTF-8."
+        ),
+        openapi_url="/v1/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+        default_response_class=UTF8JSON,
+        lifespan=lifespan,
+    )
+    bearer = HTTPBearer(auto_error=False, description="a token from api.token_file")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> UTF8JSON:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> UTF8JSON:
+        message = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed here"}
+        return _error(exc.status_code, message.get(exc.status_code, str(exc.detail)), dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> UTF8JSON:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ())]
+        where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc) or "body"
+        return _error(422, f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> UTF8JSON:
+        # A bug: the answer is JSON like the rest; uvicorn logs the traceback after it.
+        return _error(500, "internal error; the hub's log has the details")
+
+    async def caller(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Caller:
+        """Token check before anything else: 503 while no token is configured, 401 for a missing or wrong one."""
+        try:
+            tokens.tokens()
+        except NoTokens as exc:
+            raise ApiError(503, str(exc)) from None
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise ApiError(401, "send 'Authorization: Bearer <token>'", {"WWW-Authenticate": REALM})
+        who = tokens.check(credentials.credentials)
+        if who is None:
+            raise ApiError(401, "the token is not valid", {"WWW-Authenticate": f'{REALM}, error="invalid_token"'})
+        return who
+
+    def today() -> date:
+        return datetime.now(config.zone).date()
+
+    def known_school(conn: Connection, school: str) -> None:
+        if config.hub.schools:
+            if school in config.hub.schools:
+                return
+        elif any(
+            conn.one(f"SELECT 1 FROM {table} WHERE school = ? LIMIT 1", [school]) is not None
+            for table in ("people", "devices", "streams")
+        ):
+            return
+        raise ApiError(404, f"no school {school!r} on this hub")
+
+    def with_conn(work: Callable[[Connection], Any]) -> Any:
+        """Run a request's database work on a pooled connection; a database that fails is a 503, not a 500."""
+        try:
+            with pool.connection() as conn:
+                return work(conn)
+        except Exception as exc:
+            if not _is_database_error(exc):
+                raise
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.error("hub API: database error: %s", first_line)
+            raise ApiError(503, "the hub's database cannot be read right now; try again shortly") from None
+
+    School = Annotated[str, Path(description="school id, as in hub.schools and the gates' topics")]
+    Day = Annotated[str | None, Query(alias="date", description="YYYY-MM-DD (default: today)")]
+    Authorized = Annotated[Caller, Depends(caller)]
+
+    @app.get(
+        "/v1/schools/{school}/classes/{class_name}/attendance",
+        response_model=ClassAttendance,
+        responses={**ERRORS, **NOT_FOUND},
+        summary="A class's attendance on a day",
+        tags=["attendance"],
+    )
+    def class_attendance(
+        school: School,
+        class_name: Annotated[str, Path(description="class name, e.g. 6A")],
+        _: Authorized,
+        day: Day = None,
+    ) -> ClassAttendance:
+        """Every active student of the class: state, arrival and departure, minutes late, leave reason."""
+        the_day = parse_day(day, "date", today())
+
+        def work(conn: Connection) -> ClassAttendance:
+            known_school(conn, school)
+            names = attendance.classes(conn, school)
+            if class_name not in names:
+                raise ApiError(404, f"no class {class_name!r} at {school}; classes: {', '.join(names) or 'none'}")
+            students = attendance.class_day(conn, config, school, the_day, class_name)
+            return ClassAttendance(
+                school=school,
+                class_name=class_name,
+                day=the_day.isoformat(),
+                school_day=attendance.is_school_day(config, the_day),
+                class_start=attendance.class_start(config, class_name).strftime("%H:%M"),
+                cutoff=attendance.cutoff(config, the_day, class_name).strftime("%H:%M"),
+                counts=Counts(**attendance.count(students)),
+                students=[
+                    StudentOut(
+                        person=s.person,
+                        full_name=s.full_name,
+                        status=s.status,
+                        arrival=s.arrival_ts,
+                        departure=s.departure_ts,
+                        minutes_late=s.minutes_late,
+                        leave_reason=s.leave_reason,
+                    )
+                    for s in students
+                ],
+            )
+
+        return with_conn(work)
+
+    @app.get(
+        "/v1/schools/{school}/attendance",
+        response_model=SchoolAttendance,
+        responses={**ERRORS, **NOT_FOUND},
+        summary="The school's attendance on a day",
+        tags=["attendance"],
+    )
+    def school_attendance(
+        school: School,
+        _: Authorized,
+        day: Day = None,
+    ) -> SchoolAttendance:
+        """Counts per class and for the school, and the staff's clock-in and clock-out."""
+        the_day = parse_day(day, "date", today())
+
+        def work(conn: Connection) -> SchoolAttendance:
+            known_school(conn, school)
+            return SchoolAttendance.model_validate(attendance.school_summary(conn, config, school, the_day))
+
+        return with_conn(work)
+
+    @app.get(
+        "/v1/schools/{school}/people/{person}/events",
+        response_model=PersonEvents,
+        responses={**ERRORS, **NOT_FOUND},
+        summary="A person's gate history",
+        tags=["people"],
+    )
+    def person_events(
+        school: School,
+        person: Annotated[str, Path(description="person id on the school's roster")],
+        _: Authorized,
+        day_from: Annotated[str | None, Query(alias="from", description="first day, YYYY-MM-DD")] = None,
+        day_to: Annotated[str | None, Query(alias="to", description="last day, YYYY-MM-DD")] = None,
+        kind: Annotated[EventKind | None, Query(description="only events of this kind")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="events per page")] = DEFAULT_LIMIT,
+        cursor: Annotated[str | None, Query(description="the previous page's 'next'")] = None,
+    ) -> PersonEvents:
+        """The person's events, oldest first, a page at a time: time, kind, method, gate (no card numbers)."""
+        first = parse_day(day_from, "from", date.min) if day_from else None
+        last = parse_day(day_to, "to", date.max) if day_to else None
+        if first and last and last < first:
+            raise ApiError(422, f"to ({last.isoformat()}) is before from ({first.isoformat()})")
+        after = _decode_cursor(cursor) if cursor else None
+
+        def work(conn: Connection) -> PersonEvents:
+            known_school(conn, school)
+            row = conn.one(
+                "SELECT full_name, role, class_name FROM people WHERE school = ? AND id = ?", [school, person]
+            )
+            if (
+                row is None
+                and conn.one("SELECT 1 FROM events WHERE school = ? AND person = ? LIMIT 1", [school, person]) is None
+            ):
+                raise ApiError(404, f"no person {person!r} at {school}")
+            sql = "SELECT id, ts, kind, method, device, late, payload FROM events WHERE school = ? AND person = ?"
+            params: list[Any] = [school, person]
+            if first:
+                sql += " AND day >= ?"
+                params.append(first.isoformat())
+            if last:
+                sql += " AND day <= ?"
+                params.append(last.isoformat())
+            if kind:
+                sql += " AND kind = ?"
+                params.append(kind)
+            if after:
+                sql += " AND (ts > ? OR (ts = ? AND id > ?))"
+                params += [after[0], after[0], after[1]]
+            sql += " ORDER BY ts, id LIMIT ?"
+            params.append(limit + 1)
+            rows = conn.all(sql, params)
+            events = []
+            for event_id, ts, event_kind, method, device, late, raw in rows[:limit]:
+                data = json.loads(raw)
+                events.append(
+                    EventOut(
+                        id=event_id,
+                        ts=ts,
+                        kind=event_kind,
+                        method=method,
+                        gate=device,
+                        direction=data.get("direction"),
+                        late=None if late is None else bool(late),
+                        minutes_late=data.get("minutes_late"),
+                        clock_ok=bool(data.get("clock_ok", True)),
+                        reason=data.get("reason"),
+                    )
+                )
+            more = len(rows) > limit
+            return PersonEvents(
+                school=school,
+                person=person,
+                full_name=row[0] if row else None,
+                role=row[1] if row else None,
+                class_name=row[2] if row else None,
+                events=events,
+                next=_encode_cursor(events[-1].ts, events[-1].id) if more and events else None,
+            )
+
+        return with_conn(work)
+
+    @app.get("/v1/gates", response_model=Gates, responses={**ERRORS, **NOT_FOUND}, summary="Gates", tags=["gates"])
+    def gates(
+        _: Authorized,
+        school: Annotated[str | None, Query(description="only this school's gates")] = None,
+    ) -> Gates:
+        """Each gate: online, last status, backlog on the gate, and what the hub holds of its seq numbers."""
+        return with_conn(lambda conn: Gates(gates=gate_list(conn, school)))
+
+    def gate_list(conn: Connection, school: str | None) -> list[GateOut]:
+        now = datetime.now(UTC)
+        where, params = ("WHERE school = ?", [school]) if school else ("", [])
+        if school:
+            known_school(conn, school)
+        devices = {
+            r[0]: r for r in conn.all(f"SELECT device, school, online, status, status_at FROM devices {where}", params)
+        }
+        streams: dict[str, list[StreamOut]] = {}
+        schools: dict[str, str] = {}
+        for device, journal, where_school, contiguous, highest, gap_since, requested in conn.all(
+            "SELECT device, journal, school, contiguous, highest, gap_since, resync_requested_at FROM streams "
+            f"{where} ORDER BY device, updated_at",
+            params,
+        ):
+            missing = 0
+            if highest > contiguous:
+                held = conn.one(
+                    "SELECT COUNT(*) FROM events WHERE device = ? AND journal = ? AND seq > ?",
+                    [device, journal, contiguous],
+                )
+                missing = highest - contiguous - (held[0] if held else 0)
+            schools.setdefault(device, where_school)
+            streams.setdefault(device, []).append(
+                StreamOut(
+                    journal=journal,
+                    contiguous=contiguous,
+                    highest=highest,
+                    missing=missing,
+                    gap_since=gap_since,
+                    resync_requested_at=requested,
+                )
+            )
+        out = []
+        for device in sorted(set(devices) | set(streams)):
+            status: dict[str, Any] = {}
+            online = status_at = None
+            if device in devices:
+                _, schools[device], raw_online, raw_status, status_at = devices[device]
+                online = bool(raw_online)
+                try:
+                    loaded = json.loads(raw_status)
+                    status = loaded if isinstance(loaded, dict) else {}
+                except ValueError:
+                    status = {}
+            its = streams.get(device, [])
+            readers = status.get("readers")
+            out.append(
+                GateOut(
+                    gate=device,
+                    school=schools[device],
+                    online=online,
+                    status_at=status_at,
+                    status_age_s=_age(status_at, now),
+                    gate_clock_ok=status.get("clock_ok"),
+                    version=status.get("version"),
+                    backlog=status.get("backlog"),
+                    oldest_unsynced_age_s=status.get("oldest_unsynced_age_s"),
+                    last_seq=status.get("last_seq"),
+                    offline_reason=status.get("reason") if online is False else None,
+                    readers=[
+                        {"name": str(r.get("name")), "state": str(r.get("state"))}
+                        for r in (readers if isinstance(readers, list) else [])
+                        if isinstance(r, dict)
+                    ],
+                    gap=any(s.missing > 0 for s in its),
+                    missing=sum(s.missing for s in its),
+                    resync_requested=any(s.resync_requested_at for s in its),
+                    streams=its,
+                )
+            )
+        return out
+
+    @app.get("/v1/health", response_model=Health, responses=ERRORS, summary="Health", tags=["hub"])
+    def health(_: Authorized) -> Health:
+        """The hub answers and its database is readable; how many gates are online and how many have gaps."""
+
+        def work(conn: Connection) -> Health:
+            listed = gate_list(conn, None)
+            return Health(
+                status="ok",
+                version=__version__,
+                hub=config.hub.id,
+                database="ok",
+                time=datetime.now(UTC).isoformat(timespec="seconds"),
+                gates={
+                    "total": len(listed),
+                    "online": sum(1 for g in listed if g.online),
+                    "with_gap": sum(1 for g in listed if g.gap),
+                },
+            )
+
+        return with_conn(work)
+
+    @app.post(
+        "/v1/schools/{school}/leave-requests",
+        response_model=LeaveOut,
+        status_code=201,
+        responses={**ERRORS, **NOT_FOUND, 200: {"model": LeaveOut, "description": "an existing request updated"}},
+        summary="Send a leave request",
+        tags=["leave"],
+    )
+    def post_leave(body: LeaveIn, school: School, who: Authorized) -> UTF8JSON:
+        """Store a leave request (đơn xin nghỉ); approved ones make the days 'absent with permission'.
+
+        The same person and days again update the request (200) instead of adding another (201).
+        """
+        first = parse_day(body.day_from, "day_from", date.min)
+        last = parse_day(body.day_to, "day_to", date.min) if body.day_to else first
+
+        def work(conn: Connection) -> UTF8JSON:
+            known_school(conn, school)
+            if conn.one("SELECT 1 FROM people WHERE school = ? AND id = ?", [school, body.person]) is None:
+                raise ApiError(404, f"no person {body.person!r} on the roster of {school}")
+            existed = (
+                conn.one("SELECT 1 FROM leave_requests WHERE id = ?", [request_id(school, body.person, first, last)])
+                is not None
+            )
+            try:
+                ident = add_leave(conn, school, body.person, first, last, body.reason, body.approved, who.source)
+            except LeaveError as exc:
+                raise ApiError(422, str(exc)) from None
+            stored = conn.one("SELECT reason FROM leave_requests WHERE id = ?", [ident])
+            log.info(
+                "hub API: leave request %s %s for %s (caller %s)",
+                ident[:12],
+                "updated" if existed else "stored",
+                school,
+                who.fingerprint,
+            )
+            out = LeaveOut(
+                id=ident,
+                school=school,
+                person=body.person,
+                day_from=first.isoformat(),
+                day_to=last.isoformat(),
+                reason=stored[0] if stored else body.reason,
+                approved=body.approved,
+                created=not existed,
+            )
+            return UTF8JSON(out.model_dump(), status_code=200 if existed else 201)
+
+        return with_conn(work)
+
+    return app
