@@ -289,3 +289,16 @@ def test_unreadable_or_wrong_public_keys_are_named(tmp_path: Path) -> None:
         load_public_key(None, tmp_path / "missing.pub")
     with pytest.raises(SigningKeyError, match="32 bytes"):
         load_public_key(base64.b64encode(b"short").decode(), None)
+
+
+def test_the_retained_snapshot_seen_again_is_quietly_ignored(gate: Downlink, hub: Hub) -> None:
+    """A retained roster comes back at every reconnect: no refusal, no answer, nothing changed."""
+    snapshot = hub.message("roster.snapshot", {"people": [person("HS1", "An", ["04A1B2C3"])]}, version=5)
+    assert send(gate, snapshot)["ok"]
+    answers = len(gate.results)
+    outcome = gate.handle(TOPICS.downlink_topic("roster"), json.dumps(snapshot).encode())
+    assert outcome.ok and outcome.detail == {"already_applied": True}
+    assert len(gate.results) == answers and gate.refused == 0
+    newer = hub.message("roster.snapshot", {"people": []}, version=6)
+    assert send(gate, newer)["ok"]
+    refused_unchanged(gate, snapshot, "replayed")  # an older message replayed is still refused, loudly

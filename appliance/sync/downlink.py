@@ -58,6 +58,10 @@ class Refused(Exception):
     """The message is not obeyed; the text goes back to the hub as the reason."""
 
 
+class AlreadyApplied(Exception):
+    """The very message the gate applied last, seen again (the hub's retained snapshot at each reconnect)."""
+
+
 @cache
 def downlink_schema() -> dict[str, Any]:
     text = resources.files("appliance.schema").joinpath("downlink.schema.json").read_text("utf-8")
@@ -230,6 +234,9 @@ class Downlink:
             message = self._parse(payload)
             self._check(topic, message)
             outcome = self._apply(message)
+        except AlreadyApplied:
+            log.debug("downlink: %s version %s already applied", message.get("type"), message.get("version"))
+            return Outcome(True, detail={"already_applied": True})
         except Refused as exc:
             outcome = Outcome(False, str(exc))
         if outcome.ok:
@@ -268,6 +275,9 @@ class Downlink:
             raise Refused(f"a {message['type']} message on the {kind or topic} topic")
         seen = self.conn.execute("SELECT 1 FROM downlink_seen WHERE nonce = ?", [message["nonce"]]).fetchone()
         if seen:
+            stream = STREAM_OF.get(message["type"])
+            if stream is not None and message.get("version") == stream_version(self.conn, stream):
+                raise AlreadyApplied()
             raise Refused("replayed: this nonce was already used")
         if message["type"] == "command" and self.clock_ok():
             issued = datetime.fromisoformat(message["issued_at"].replace("Z", "+00:00"))
