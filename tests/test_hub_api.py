@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 from hub_support import ZONE, HubProcess, gate_event, payload, write_hub_config
+from postgres_server import session_server
 
 from appliance.config import ConfigError, DatabaseConfig, HubConfig, parse_hub_config
 from appliance.hub.api import ApiServer, api_server
@@ -595,6 +596,41 @@ def test_an_unreachable_database_is_a_503_and_one_log_line(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 3 and all("cannot open the hub database" in r.getMessage() for r in errors)
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_connections_killed_by_a_postgresql_restart_are_replaced_unnoticed(
+    pytestconfig: pytest.Config, tmp_path: Path, token_file: Path, serve: Callable[..., ApiServer]
+) -> None:
+    server = session_server(pytestconfig)
+    name = server.create_database("api")
+    api: ApiServer | None = None
+    try:
+        store = Store(DatabaseConfig(url=server.url(name), password_file=server.password_file))
+        store.migrate()
+        conn = store.connect()
+        add_people(conn)
+        monday_events(conn)
+        conn.close()
+        api = serve(store, hub_config(store, tmp_path, token_file))
+        client = Client(api)
+        path = f"/v1/schools/{SCHOOL}/classes/6A/attendance"
+        with ThreadPoolExecutor(4) as pool:  # several pooled connections
+            assert set(pool.map(lambda _: client.get(path, date="2024-10-21").status_code, range(12))) == {200}
+        with server.admin(name) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND usename = 'edugate'",
+                [name],
+            ).fetchall()
+        assert ended and all(row[0] for row in ended)
+        for _ in range(6):
+            answer = client.get(path, date="2024-10-21")
+            assert answer.status_code == 200 and answer.json()["counts"]["total"] == 3, answer.text
+        leave = {"person": "HS003", "day_from": "2024-10-21"}
+        assert client.post(f"/v1/schools/{SCHOOL}/leave-requests", leave).status_code == 201
+    finally:
+        if api is not None:
+            api.stop()  # its connections end before the database is dropped
+        server.drop_database(name)
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:

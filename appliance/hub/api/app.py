@@ -199,10 +199,13 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
         raise ApiError(404, f"no school {school!r} on this hub")
 
     def with_conn(work: Callable[[Connection], Any]) -> Any:
-        """Run a request's database work on a pooled connection; a database that fails is a 503, not a 500."""
+        """Run a request's database work on a pooled connection; a database that fails is a 503, not a 500.
+
+        Every request's work may run twice (reads; add_leave updates the same request), so a connection
+        that a database restart killed is replaced without the caller noticing.
+        """
         try:
-            with pool.connection() as conn:
-                return work(conn)
+            return pool.run(work)
         except Exception as exc:
             if not _is_database_error(exc):
                 raise

@@ -8,10 +8,13 @@ request; a connection that broke (server restart) is dropped and the next reques
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import TypeVar
 
 from appliance.hub.store import Connection, Store
+
+T = TypeVar("T")
 
 
 class ConnectionPool:
@@ -24,11 +27,13 @@ class ConnectionPool:
         self._closed = False
 
     @contextmanager
-    def connection(self) -> Iterator[Connection]:
+    def connection(self, fresh: bool = False) -> Iterator[Connection]:
         """A connection for this request alone; back to the pool afterwards unless it broke."""
         with self._slots:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
+            conn = None
+            if not fresh:
+                with self._lock:
+                    conn = self._idle.pop() if self._idle else None
             if conn is None:
                 conn = self.store.connect()
             try:
@@ -36,10 +41,26 @@ class ConnectionPool:
             finally:
                 self._give_back(conn)
 
+    def run(self, work: Callable[[Connection], T]) -> T:
+        """``work(conn)``, once more on a new connection if the first one turned out dead (a server restart).
+
+        Only for work that may run twice: reads, and writes that are idempotent.
+        """
+        with self.connection() as conn:
+            try:
+                return work(conn)
+            except Exception:
+                if not conn.broken:
+                    raise
+        with self.connection(fresh=True) as conn:
+            return work(conn)
+
     def _give_back(self, conn: Connection) -> None:
         if conn.broken or (conn.dialect == "sqlite" and conn.raw.in_transaction):
             with suppress(Exception):
                 conn.close()
+            if conn.broken:
+                self._drop_idle()  # they were opened to the same server: most likely dead too
             return
         with self._lock:
             if not self._closed:
@@ -47,11 +68,15 @@ class ConnectionPool:
                 return
         conn.close()
 
-    def close(self) -> None:
-        """Close the idle connections; one still in use is closed when its request ends."""
+    def _drop_idle(self) -> None:
         with self._lock:
-            self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             with suppress(Exception):
                 conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections; one still in use is closed when its request ends."""
+        with self._lock:
+            self._closed = True
+        self._drop_idle()
