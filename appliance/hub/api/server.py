@@ -123,22 +123,26 @@ class ApiServer:
         where = f"{api.listen}:{api.port}"
         try:
             config = self._uvicorn_config()
-            sock = listen_socket(api.listen, api.port)
         except (OSError, ssl.SSLError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            if api.tls_cert_file and not isinstance(exc, socket.gaierror) and "ddress" not in reason:
-                reason = f"TLS certificate {api.tls_cert_file} / key {api.tls_key_file}: {reason}"
-            message = f"cannot listen on {where}: {reason}"
-            if message != self.last_error:
-                log.error(
-                    "hub API: %s; trying again every %.0f s (change api.listen / api.port in hub.toml?)",
-                    message,
-                    self.retry_every,
-                )
-            self.last_error = message
-            return None
+            return self._failed(
+                f"cannot serve HTTPS on {where}: TLS certificate {api.tls_cert_file} / key {api.tls_key_file}: "
+                f"{reason}",
+                "check api.tls_cert_file / api.tls_key_file",
+            )
+        try:
+            sock = listen_socket(api.listen, api.port)
+        except OSError as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            return self._failed(f"cannot listen on {where}: {reason}", "change api.listen / api.port in hub.toml?")
         self.last_error = None
         return uvicorn.Server(config), sock
+
+    def _failed(self, message: str, hint: str) -> None:
+        """Log why the API cannot serve (once per distinct reason: the retries would repeat it)."""
+        if message != self.last_error:
+            log.error("hub API: %s; trying again every %.0f s (%s)", message, self.retry_every, hint)
+        self.last_error = message
 
     def _run(self) -> None:
         while not self._stopping.is_set():
