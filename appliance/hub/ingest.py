@@ -102,7 +102,7 @@ class Ingest:
     def __init__(self, conn: Connection, prefix: str, hooks: list[EventHook] | None = None) -> None:
         self.conn = conn
         self.prefix = prefix
-        self.hooks = hooks or []
+        self.hooks = hooks if hooks is not None else []  # the caller may add hooks to its list later
         self.stats = IngestStats()
 
     def store_batch(self, batch: list[Incoming]) -> None:
@@ -257,7 +257,7 @@ class IngestWorker:
     def __init__(self, store: Store, prefix: str, hooks: list[EventHook] | None = None) -> None:
         self.store = store
         self.prefix = prefix
-        self.hooks = hooks or []
+        self.hooks = hooks if hooks is not None else []  # the caller may add hooks to its list later
         self._queue: queue.Queue[Incoming | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.ingest: Ingest | None = None
