@@ -85,6 +85,11 @@ class HubService:
 
     def _add_optional_parts(self) -> None:
         """Parts that each live in their own module, started only when configured."""
+        if self.config.notify.enabled:
+            from appliance.hub.notify import event_hook, outbox_worker
+
+            self.hooks.append(event_hook(self.config))
+            self.components.append(outbox_worker(self.store, self.config))
         if self.config.api.enabled:
             from appliance.hub.api import api_server
 
