@@ -51,6 +51,9 @@ from appliance.cli.hub_attendance import absent, leave, report  # noqa: E402  (t
 hub.add_command(absent)
 hub.add_command(report)
 hub.add_command(leave)
+from appliance.cli.hub_notify import outbox  # noqa: E402  (it uses hub_config_option)
+
+hub.add_command(outbox)
 from appliance.cli.hub_roster import hub_roster, hub_templates  # noqa: E402  (they use hub_config_option)
 
 hub.add_command(hub_roster)
