@@ -438,6 +438,19 @@ def test_a_gateway_that_keeps_failing_is_given_up_after_max_attempts(
     assert server.total() == 3
 
 
+def test_a_gateway_that_is_not_there_is_retried_then_failed_with_the_reason(
+    hub_store: Store, hub_conn: Connection, workers: list[OutboxWorker]
+) -> None:
+    config = webhook_config(hub_store, f"http://127.0.0.1:{free_port()}/send", max_attempts=2)
+    add_person(hub_conn, "HS001")
+    ingest(hub_conn, config, tap(1))
+    start_worker(hub_store, config, workers)
+    wait(settled(hub_conn), 10, "given up")
+    (row,) = rows(hub_conn)
+    assert (row["status"], row["attempts"]) == ("failed", 2)
+    assert row["last_error"] == "connection failed: [Errno 111] Connection refused"
+
+
 def test_a_slow_gateway_times_out_and_the_retry_delivers(
     hub_store: Store, hub_conn: Connection, gateway: tuple[Gateway, str], workers: list[OutboxWorker]
 ) -> None:

@@ -9,6 +9,7 @@ every delivery, so replacing a file needs no restart.
 from __future__ import annotations
 
 import json
+import re
 import smtplib
 import ssl
 import threading
@@ -119,7 +120,7 @@ class WebhookChannel:
         except requests.Timeout:
             return Outcome("retry", f"no answer within {self.timeout:g} s", "timeout")
         except requests.ConnectionError as exc:
-            return Outcome("retry", f"connection failed: {_first_line(exc)}", "connection failed")
+            return Outcome("retry", f"connection failed: {_connection_reason(exc)}", "connection failed")
         except requests.RequestException as exc:
             return Outcome("failed", f"request not sent: {_first_line(exc)}", "request not sent")
         code = answer.status_code
@@ -133,6 +134,14 @@ class WebhookChannel:
             where = answer.headers.get("Location", "?")
             return Outcome("failed", f"HTTP {code}: redirected to {where}; fix notify.webhook.url", f"HTTP {code}")
         return Outcome("failed", detail, f"HTTP {code}")
+
+
+def _connection_reason(exc: requests.ConnectionError) -> str:
+    """The cause under requests' and urllib3's wrappers ("[Errno 111] Connection refused"), not a paragraph."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    text = str(reason or exc)
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    return found.group(0).strip() if found else _first_line(exc)[:300]
 
 
 def _first_line(exc: BaseException) -> str:
