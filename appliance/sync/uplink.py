@@ -11,11 +11,13 @@ uplink just continues; after a restart it starts again from the first unsynced s
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import sqlite3
 import threading
 import time
-from collections import deque
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,7 +32,23 @@ REJECTED_PAUSE = 30.0  # seconds before retrying events the broker refused (an A
 NO_SUBSCRIBER_PAUSE = 5.0  # seconds before retrying events nobody was subscribed to (the hub is starting)
 
 
+@dataclass
+class _Resync:
+    first: int
+    last: int | None
+    done: threading.Event = field(default_factory=threading.Event)
+    count: int = 0
+    error: BaseException | None = None
+
+
 class Uplink:
+    """All uplink state belongs to the uplink thread; other threads only queue acks and requests.
+
+    paho may deliver a PUBACK before ``publish()`` has returned its mid to us, so acks are queued
+    and matched on this thread, after the mid was registered. Rewinds (a resync, a refused
+    event) are applied here too, between two reads, so none is overwritten by a read in flight.
+    """
+
     def __init__(
         self,
         journal: EventJournal,
@@ -47,11 +65,12 @@ class Uplink:
         self.batch = batch
         self._reader = sqlite3.connect(f"file:{journal_path}?mode=ro", uri=True, check_same_thread=False)
         self._reader.execute("PRAGMA busy_timeout = 5000")
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._acks: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[_Resync] = queue.SimpleQueue()
         self._inflight: dict[int, int] = {}  # mid -> seq
-        self._acked: deque[int] = deque()
+        self._acked: list[int] = []
         self._next_seq = 0  # next seq to read; 0 = from the first unsynced
         self._paused_until = 0.0
         self._thread: threading.Thread | None = None
@@ -67,43 +86,28 @@ class Uplink:
         self._wake.set()
 
     def on_ack(self, mid: int, error: str | None) -> None:
-        log_it = False
-        with self._lock:
-            seq = self._inflight.pop(mid, None)
-            if seq is None:
-                return  # a status or result message, not an event
-            if error is None:
-                self._acked.append(seq)
-                self.last_error = None
-                self._logged_cause = None
-            else:
-                # Not delivered (refused by the ACL, or nobody subscribed): keep it unsynced, retry later.
-                self._next_seq = 0
-                if error == NO_SUBSCRIBERS:
-                    self._paused_until = time.monotonic() + NO_SUBSCRIBER_PAUSE
-                    self.last_error = f"event seq {seq} not delivered: {error}"
-                else:
-                    self._paused_until = time.monotonic() + REJECTED_PAUSE
-                    self.last_error = f"broker refused event seq {seq}: {error}; check the broker's ACL for this gate"
-                log_it, self._logged_cause = error != self._logged_cause, error
-        if log_it:
-            log.error("sync: %s", self.last_error)
+        """From paho's network thread: queue it for the uplink thread."""
+        self._acks.put((mid, error))
         self._wake.set()
 
     def on_online(self, session_present: bool) -> None:
-        with self._lock:
-            if not session_present:
-                log.info("sync: the broker had no session for this gate; in-flight events are sent again")
+        if not session_present:
+            log.info("sync: the broker had no session for this gate; in-flight events are sent again")
         self._wake.set()
 
-    def resync(self, from_seq: int, to_seq: int | None = None) -> int:
+    def resync(self, from_seq: int, to_seq: int | None = None, timeout: float = 30.0) -> int:
         """Send events ``from_seq``..``to_seq`` again (the hub lost them); returns how many."""
-        self._flush_acks()
-        count = self.journal.mark_unsynced(from_seq, to_seq)
-        with self._lock:
-            self._next_seq = 0
+        request = _Resync(from_seq, to_seq)
+        self._requests.put(request)
         self._wake.set()
-        return count
+        if not request.done.wait(timeout):
+            raise TimeoutError("the uplink did not take the resync request in time")
+        if request.error is not None:
+            raise request.error
+        return request.count
+
+    def inflight(self) -> int:
+        return len(self._inflight)
 
     # -- the uplink thread ----------------------------------------------------------------
     def start(self) -> None:
@@ -115,12 +119,10 @@ class Uplink:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._flush_acks()
+        self._take_acks()
+        with contextlib.suppress(sqlite3.Error):
+            self._flush_acks()
         self._reader.close()
-
-    def inflight(self) -> int:
-        with self._lock:
-            return len(self._inflight)
 
     def _run(self) -> None:
         last_mark = time.monotonic()
@@ -128,6 +130,8 @@ class Uplink:
             self._wake.wait(MARK_EVERY if self._acked else 1.0)
             self._wake.clear()
             try:
+                self._take_acks()
+                self._take_requests()
                 now = time.monotonic()
                 if len(self._acked) >= MARK_BATCH or (self._acked and now - last_mark >= MARK_EVERY):
                     self._flush_acks()
@@ -138,27 +142,67 @@ class Uplink:
                 log.error("sync: cannot read or mark the journal: %s", exc)
                 self._stop.wait(1.0)
 
+    def _take_acks(self) -> None:
+        while True:
+            try:
+                mid, error = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            seq = self._inflight.pop(mid, None)
+            if seq is None:
+                continue  # a status or result message, not an event
+            if error is None:
+                self._acked.append(seq)
+                if self.last_error is not None and not self.last_error.startswith("journal"):
+                    self.last_error = None
+                self._logged_cause = None
+                continue
+            # Not delivered (refused by the ACL, or nobody subscribed): keep it unsynced, retry later.
+            self._next_seq = 0
+            if error == NO_SUBSCRIBERS:
+                self._paused_until = time.monotonic() + NO_SUBSCRIBER_PAUSE
+                self.last_error = f"event seq {seq} not delivered: {error}"
+            else:
+                self._paused_until = time.monotonic() + REJECTED_PAUSE
+                self.last_error = f"broker refused event seq {seq}: {error}; check the broker's ACL for this gate"
+            if error != self._logged_cause:
+                self._logged_cause = error
+                log.error("sync: %s", self.last_error)
+
+    def _take_requests(self) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._flush_acks()  # else acks flushed after the reset would mark the range synced again
+                request.count = self.journal.mark_unsynced(request.first, request.last)
+                self._next_seq = 0
+            except BaseException as exc:
+                request.error = exc
+            finally:
+                request.done.set()
+
     def _pump(self) -> None:
         """Publish unsynced events until the window is full, the link drops or nothing is left."""
         while not self._stop.is_set() and self.transport.connected.is_set():
-            with self._lock:
-                if time.monotonic() < self._paused_until:
-                    return
-                room = self.window - len(self._inflight)
-                start = self._next_seq
+            if time.monotonic() < self._paused_until:
+                return
+            room = self.window - len(self._inflight)
             if room <= 0:
                 return
-            rows = self._read(start, min(room, self.batch))
+            rows = self._read(self._next_seq, min(room, self.batch))
             if not rows:
                 return
             for seq, payload in rows:
                 mid = self.transport.publish(self.topic, payload)
                 if mid is None:
                     return  # link went down: resume from this seq when it is back
-                with self._lock:
-                    self._inflight[mid] = seq
-                    self._next_seq = seq + 1
-                    self.published += 1
+                self._inflight[mid] = seq
+                self._next_seq = seq + 1
+                self.published += 1
+            self._take_acks()
             if len(self._acked) >= MARK_BATCH:
                 self._flush_acks()
 
@@ -168,6 +212,13 @@ class Uplink:
             if row[0] is None:
                 return []
             start = row[0]
+            # What is still in flight is unsynced too; it is not read again (paho resends it itself).
+            flying = set(self._inflight.values())
+            rows = self._reader.execute(
+                "SELECT seq, payload FROM events WHERE synced_at IS NULL AND seq >= ? ORDER BY seq LIMIT ?",
+                [start, limit + len(flying)],
+            ).fetchall()
+            return [(seq, payload.encode("utf-8")) for seq, payload in rows if seq not in flying][:limit]
         rows = self._reader.execute(
             "SELECT seq, payload FROM events WHERE synced_at IS NULL AND seq >= ? ORDER BY seq LIMIT ?",
             [start, limit],
@@ -175,11 +226,11 @@ class Uplink:
         return [(seq, payload.encode("utf-8")) for seq, payload in rows]
 
     def _flush_acks(self) -> None:
-        with self._lock:
-            seqs = list(self._acked)
-            self._acked.clear()
-        if not seqs:
+        """Write the acks to the journal; if that fails they stay queued for the next try."""
+        if not self._acked:
             return
+        seqs = self._acked
         self.journal.mark_synced(seqs, datetime.now(UTC).isoformat(timespec="seconds"))
+        self._acked = []
         self.acked_total += len(seqs)
         self.last_synced_seq = max(self.last_synced_seq, max(seqs))
