@@ -115,3 +115,26 @@ def test_damaged_journal_is_salvaged_keeping_readable_events(tmp_path: Path) -> 
     assert journal.last_seq() == 5
     assert journal.append(draft(datetime.now(VN))).seq == 6
     assert database.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_seq_never_restarts_after_pruning_empties_the_journal(tmp_path: Path) -> None:
+    """A summer holiday can prune every synced event; the next event must not reuse seq 1."""
+    from datetime import datetime
+
+    from appliance.events import EventDraft, Kind, Method
+    from appliance.journal import EventJournal, open_database
+
+    database = open_database(tmp_path / "journal.db", writer=True)
+    journal = EventJournal(database, "gate-01")
+    old = "2026-05-20T07:00:00+07:00"
+    for i in range(3):
+        journal.append(EventDraft(Kind.UNKNOWN_CARD, old, True, Method.CARD, reader="lane", card_uid=f"0A{i:06X}"))
+    journal.mark_synced([1, 2, 3], "2026-05-20T00:10:00+00:00")
+    assert journal.prune_synced(30, datetime.fromisoformat("2026-09-05T07:00:00+07:00")) == 3
+    journal_id = database.journal_id
+    database.close()
+    database = open_database(tmp_path / "journal.db", writer=True)
+    journal = EventJournal(database, "gate-01")
+    event = journal.append(EventDraft(Kind.UNKNOWN_CARD, "2026-09-05T07:00:00+07:00", True, Method.CARD, card_uid="0B"))
+    assert event.seq == 4 and database.journal_id == journal_id
+    database.close()

@@ -42,7 +42,10 @@ class EventJournal:
         self.device = device
         self._conn = database.conn
         self._lock = threading.Lock()
-        row = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        row = self._conn.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events), 0), "
+            "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_seq'), 0))"
+        ).fetchone()
         self._next_seq = row[0] + 1
 
     @property
@@ -112,7 +115,19 @@ class EventJournal:
         """Delete synced events older than the retention; unsynced events are never deleted."""
         cutoff = (now - timedelta(days=retention_days)).isoformat()
         with self._lock:
-            cur = self._conn.execute("DELETE FROM events WHERE synced_at IS NOT NULL AND ts < ?", [cutoff])
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Pruning may empty the table (a long holiday): remember the last seq so it never restarts at 1.
+                self._conn.execute(
+                    "INSERT INTO meta(key, value) SELECT 'last_seq', CAST(MAX(seq) AS TEXT) FROM events "
+                    "WHERE seq IS NOT NULL ON CONFLICT(key) DO UPDATE SET value = CAST(MAX(CAST(meta.value AS INTEGER),"
+                    " CAST(excluded.value AS INTEGER)) AS TEXT)"
+                )
+                cur = self._conn.execute("DELETE FROM events WHERE synced_at IS NOT NULL AND ts < ?", [cutoff])
+            except BaseException:
+                self._conn.rollback()
+                raise
+            self._conn.commit()
         return cur.rowcount
 
 
