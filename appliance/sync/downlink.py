@@ -43,7 +43,12 @@ log = logging.getLogger(__name__)
 RESULT_SCHEMA = 1
 COMMAND_MAX_AGE = timedelta(hours=24)  # a command older than this is refused when the clock can be trusted
 NONCE_RETENTION = timedelta(days=30)
-REMOTE_SECTIONS = ("policy", "feedback")  # what the hub may change live; never device, journal or sync
+# What the hub may change live, key by key (None: anything inside). Never device, journal, readers or sync,
+# and nothing that names a program, a file or a pin: a stolen hub key must not run code on the gates.
+REMOTE_KEYS: dict[str, Any] = {
+    "policy": None,
+    "feedback": {"outputs": None, "show_names": None, "sound": {"speak": None}, "gpio": {"on_seconds": None}},
+}
 STREAM_OF = {"roster.snapshot": "roster", "roster.delta": "roster", "templates": "templates", "config": "config"}
 TOPIC_OF = {
     "roster.snapshot": "roster",
@@ -80,8 +85,16 @@ def schema_problem(message: dict[str, Any]) -> str | None:
     error = jsonschema.exceptions.best_match(_validator().iter_errors(message))
     if error is None:
         return None
-    where = "/".join(str(p) for p in error.absolute_path) or "(message)"
-    return f"{where}: {error.message}"
+    return describe_schema_error(error, "(message)")
+
+
+def describe_schema_error(error: jsonschema.exceptions.ValidationError, top: str) -> str:
+    """Where and which rule, never the offending value (it may be a child's name or card number)."""
+    where = "/".join(str(p) for p in error.absolute_path) or top
+    if error.validator in ("required", "additionalProperties"):
+        return f"{where}: {error.message}"  # these name keys, not values
+    expected = error.validator_value if error.validator in ("type", "pattern", "format", "minimum", "maximum") else ""
+    return f"{where}: fails {error.validator} {expected}".rstrip()
 
 
 def new_message(
@@ -120,13 +133,39 @@ def hub_config_sections(conn: sqlite3.Connection) -> dict[str, Any]:
     return json.loads(row[0]) if row else {}
 
 
+def forbidden_keys(sections: dict[str, Any], allowed: dict[str, Any] = REMOTE_KEYS, where: str = "") -> list[str]:
+    """Keys of the hub's config the hub may not set (dotted paths)."""
+    found = []
+    for key, value in sections.items():
+        path = f"{where}{key}"
+        if key not in allowed:
+            found.append(path)
+        elif allowed[key] is not None and isinstance(value, dict):
+            found += forbidden_keys(value, allowed[key], path + ".")
+        elif allowed[key] is not None:
+            found.append(path)
+    return found
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(merged.get(key) or {}, value) if isinstance(value, dict) and key != "policy" else value
+    return merged
+
+
 def overlay(config: GateConfig, sections: dict[str, Any]) -> GateConfig:
-    """gate.toml with the hub's sections in place of its own (raises ConfigError if invalid)."""
+    """gate.toml with the hub's settings laid over it (raises ConfigError if invalid or not allowed).
+
+    ``policy`` is replaced whole (its windows belong together); feedback keys one by one.
+    """
     if not sections:
         return config
-    data = config.model_dump(exclude_none=True)
-    data.update({k: v for k, v in sections.items() if k in REMOTE_SECTIONS})
-    return parse_config(data, "hub config")
+    bad = forbidden_keys(sections)
+    if bad:
+        raise ConfigError(f"hub config: the hub may not set {', '.join(bad)}")
+    data = config.model_dump(exclude_none=True, by_alias=True)
+    return parse_config(_merge(data, sections), "hub config")
 
 
 def _person(item: dict[str, Any]) -> Person:
@@ -186,7 +225,7 @@ class Downlink:
         topics: Topics,
         database: Database,
         hub_key: Ed25519PublicKey | None,
-        config: GateConfig,
+        config: GateConfig | Callable[[], GateConfig],
         publish: Callable[[str, bytes], object],
         clock_ok: Callable[[], bool] = lambda: True,
         hooks: Hooks | None = None,
@@ -195,14 +234,15 @@ class Downlink:
         self.database = database
         self.conn = database.conn
         self.hub_key = hub_key
-        self.config = config
+        # gate.toml as it is now (a reload may have changed it): the hub's settings are laid over this.
+        self.base_config: Callable[[], GateConfig] = config if callable(config) else (lambda: config)
         self.publish = publish
         self.clock_ok = clock_ok
         self.hooks = hooks or Hooks()
         self.applied = 0
         self.refused = 0
         self.last_refusal: str | None = None
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, bytes, Callable[[], None]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -214,18 +254,21 @@ class Downlink:
         if self._thread is not None:
             self._thread.join(10)
 
-    def submit(self, topic: str, payload: bytes) -> None:
-        self._queue.put((topic, payload))
+    def submit(self, topic: str, payload: bytes, ack: Callable[[], None] = lambda: None) -> None:
+        """``ack`` tells the broker the message is dealt with; until then it is redelivered after a crash."""
+        self._queue.put((topic, payload, ack))
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
+            topic, payload, ack = item
             try:
-                self.handle(*item)
+                self.handle(topic, payload)
             except Exception:
                 log.exception("downlink: unexpected failure")
+            ack()
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
         """Check, apply and answer one message; returns what was answered."""
@@ -347,9 +390,10 @@ class Downlink:
         if kind == "templates":
             new = {person: _vectors(person, texts) for person, texts in body.get("set", {}).items()}
             try:
-                sealer = Sealer.from_file(self.config.vision.key_file)
+                key_file = self.base_config().vision.key_file
+                sealer = Sealer.from_file(key_file)
             except Exception as exc:
-                raise Refused(f"cannot open the template key {self.config.vision.key_file}: {exc}") from None
+                raise Refused(f"cannot open the template key {key_file}: {exc}") from None
             written, erased = TemplateStore(self.database, sealer).replace_many(
                 body["model"], new, body.get("remove", []), in_transaction=record
             )
@@ -361,11 +405,17 @@ class Downlink:
         return self._command(body, record)
 
     def _apply_config(self, body: dict[str, Any], record: Callable[[sqlite3.Connection], None]) -> Outcome:
-        sections = {**hub_config_sections(self.conn), **body}
+        sections = _merge(hub_config_sections(self.conn), body)
         try:
-            new_config = overlay(self.config, sections)
+            new_config = overlay(self.base_config(), sections)
         except ConfigError as exc:
             raise Refused(f"config not valid: {exc}") from None
+        if self.hooks.config_changed is not None:
+            # Applied before it is kept: a config the gate cannot run with is refused, not stored for the next start.
+            try:
+                self.hooks.config_changed(new_config)
+            except Exception as exc:
+                raise Refused(f"config could not be applied, the gate keeps its own: {exc}") from None
 
         def store(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -375,9 +425,6 @@ class Downlink:
             record(conn)
 
         self._in_transaction(store)
-        self.config = new_config
-        if self.hooks.config_changed is not None:
-            self.hooks.config_changed(new_config)
         return Outcome(True, detail={"sections": sorted(body)})
 
     def _command(self, body: dict[str, Any], record: Callable[[sqlite3.Connection], None]) -> Outcome:
@@ -386,13 +433,20 @@ class Downlink:
             if self.hooks.resync is None:
                 raise Refused("command resync is not available on this gate")
             self._in_transaction(record)
-            count = self.hooks.resync(body["from_seq"], body.get("to_seq"))
+            try:
+                count = self.hooks.resync(body["from_seq"], body.get("to_seq"))
+            except Exception as exc:
+                raise Refused(f"resync failed: {exc}") from None
             return Outcome(True, detail={"from_seq": body["from_seq"], "to_seq": body.get("to_seq"), "events": count})
         hook = self.hooks.reload if name == "reload" else self.hooks.rotate_logs
         if hook is None:
             raise Refused(f"command {name} is not available on this gate")
         self._in_transaction(record)
-        return Outcome(True, detail={"done": hook()})
+        try:
+            done = hook()
+        except Exception as exc:
+            raise Refused(f"{name} failed: {exc}") from None
+        return Outcome(True, detail={"done": done})
 
     def _answer(self, message: dict[str, Any], outcome: Outcome) -> None:
         result = {

@@ -35,6 +35,7 @@ class SyncService:
         status_source: StatusSource,
         hooks: Hooks | None = None,
         clock_ok: Callable[[], bool] = lambda: True,
+        base_config: Callable[[], GateConfig] | None = None,
     ) -> None:
         sync = config.sync
         self.config = config
@@ -48,6 +49,7 @@ class SyncService:
             username=sync.username or self.device,
             will=(self.topics.status, offline_status(self.device, "connection lost")),
             subscriptions=(self.topics.downlink,),
+            manual_ack=True,
         )
         self.uplink = Uplink(journal, config.journal.path, self.transport, self.topics.events, sync.window, sync.batch)
         self.downlink_error: str | None = None
@@ -67,7 +69,7 @@ class SyncService:
             self.topics,
             self._downlink_db,
             hub_key,
-            config,
+            base_config or config,
             publish=lambda topic, data: self.transport.publish(topic, data),
             clock_ok=clock_ok,
             hooks=hooks,
@@ -107,7 +109,7 @@ class SyncService:
         self._status_now.set()
 
     def _message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
-        self.downlink.submit(topic, payload)
+        self.downlink.submit(topic, payload, ack)
 
     def _status_loop(self) -> None:
         while not self._stop.is_set():

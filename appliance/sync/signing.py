@@ -3,7 +3,8 @@
 A downlink message changes who may enter a school (roster) or how the gate decides, so a
 gate obeys only messages signed with the hub's private key; the public half sits in the
 gate's config. The signature covers the canonical JSON of the whole envelope minus ``sig``
-(sorted keys, no spaces, UTF-8), so both ends compute the same bytes from any JSON encoder.
+(sorted keys, no spaces, UTF-8, Python's json number formatting), so both ends compute the same
+bytes whatever the order or spacing of the message as sent.
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ def verify(public_key: Ed25519PublicKey, envelope: dict[str, Any]) -> None:
     except (binascii.Error, ValueError):
         raise SignatureError("signature is not base64") from None
     try:
-        public_key.verify(raw, canonical(envelope))
+        signed = canonical(envelope)
+    except (UnicodeEncodeError, TypeError, ValueError):
+        raise SignatureError("message cannot be put in canonical form (bad characters or values)") from None
+    try:
+        public_key.verify(raw, signed)
     except InvalidSignature:
         raise SignatureError("signature does not match the hub's key (tampered, or signed by another key)") from None
 

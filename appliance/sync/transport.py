@@ -30,6 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.config import MqttLink
 
@@ -294,8 +295,11 @@ class MqttTransport:
         self._set_state("online")
         where = f"{self.config.host}:{self.config.port}"
         log.info("sync: connected to %s (session kept: %s)", where, flags.session_present)
+        # Retained messages only for a new subscription: a reconnect into a kept session does not get
+        # the hub's multi-MB roster snapshot again.
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
         for topic in self.subscriptions:
-            client.subscribe(topic, qos=1)
+            client.subscribe(topic, options=options)
         self.connected.set()
         if self.on_online is not None:
             self.on_online(bool(flags.session_present))
