@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from appliance.journal import open_database
 from appliance.journal.sealing import Sealer, SealingError, load_or_create_key
 from appliance.journal.template_store import TemplateStore
 from appliance.vision.gallery import Gallery, normalise
+from appliance.vision.service import _malloc_trim, release_free_heap
 
 RNG = np.random.default_rng(7)
 
@@ -135,3 +138,70 @@ def test_templates_sealed_at_rest_and_bound_to_person(tmp_path: Path) -> None:
     with pytest.raises(SealingError, match="wrong key"):
         other.load("other-model")
     assert store.remove("GV001") == 4
+
+
+def test_school_loads_into_one_matrix_that_the_gallery_adopts(tmp_path: Path) -> None:
+    database = open_database(tmp_path / "j.db", writer=True)
+    store = TemplateStore(database, Sealer.from_file(tmp_path / "t.key"))
+    people = {f"HS{i:03d}": unit() for i in range(30)}
+    for person, vector in people.items():
+        store.add(person, "sface", np.vstack([near(vector, 0.05), near(vector, 0.05)]) * 3.0)  # stored unnormalised
+    store.add("HS004", "sface", near(people["HS004"], 0.05))  # enrolled again later: rows not side by side
+    store.add("GV001", "other-model", unit())
+
+    loaded = store.load_matrix("sface", 128)
+    assert loaded.people == list(people) and loaded.rows.shape == (61, 128) and loaded.owners.dtype == np.int32
+    by_person = store.load("sface")
+    for index, person in enumerate(loaded.people):
+        np.testing.assert_array_equal(loaded.rows[loaded.owners == index], by_person[person])
+
+    gallery = Gallery.from_rows(0.5, 0.05, loaded.rows, loaded.owners, loaded.people)
+    assert np.shares_memory(gallery._matrix, loaded.rows)  # adopted, not copied
+    assert gallery.people == 30 and len(gallery) == 61 and len(gallery.templates("HS004")) == 3  # type: ignore[arg-type]
+    np.testing.assert_allclose(np.linalg.norm(gallery._matrix, axis=1), 1.0, atol=1e-5)
+    added = Gallery(0.5, 0.05)
+    for person, rows in by_person.items():
+        added.add(person, rows)
+    for person, vector in people.items():
+        query = near(vector, 0.05)
+        ours, theirs = gallery.match(query), added.match(query)
+        assert (ours.person, ours.accepted, ours.runner_up) == (person, True, theirs.runner_up)
+        assert ours.score == pytest.approx(theirs.score, abs=1e-6)
+    assert gallery.remove("HS007") and "HS007" not in gallery and gallery.match(people["HS007"]).person != "HS007"
+    gallery.add("HS007", people["HS007"])  # grows past the adopted matrix
+    assert gallery.match(people["HS007"]).person == "HS007" and len(gallery) == 60
+
+    assert store.load_matrix("nobody", 128).rows.shape == (0, 128)
+    with pytest.raises(ValueError, match="128 values, this model makes 512"):
+        store.load_matrix("sface", 512)
+
+
+def test_load_matrix_takes_rows_enrolled_after_it_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    database = open_database(tmp_path / "j.db", writer=True)
+    store = TemplateStore(database, Sealer.from_file(tmp_path / "t.key"))
+    store.add("HS001", "sface", unit(3))
+    store.add("HS002", "sface", unit(70))
+    monkeypatch.setattr(store, "counts", lambda model=None: (1, 2))  # as if HS002 enrolled in between
+    loaded = store.load_matrix("sface", 128)
+    assert loaded.people == ["HS001", "HS002"] and len(loaded.rows) == len(loaded.owners) == 73
+    np.testing.assert_array_equal(loaded.rows[3:], store.load("sface")["HS002"])
+
+
+def test_adopted_rows_must_say_whose_they_are() -> None:
+    rows = unit(3)
+    with pytest.raises(ValueError, match="n owners"):
+        Gallery.from_rows(0.5, 0.05, rows, np.array([0, 1]), ["A", "B"])
+    with pytest.raises(ValueError, match="not in the list"):
+        Gallery.from_rows(0.5, 0.05, rows, np.array([0, 1, 2]), ["A", "B"])
+    with pytest.raises(ValueError, match="listed twice"):
+        Gallery.from_rows(0.5, 0.05, rows, np.array([0, 1, 1]), ["A", "A"])
+    with pytest.raises(ValueError, match="has no template"):
+        Gallery.from_rows(0.5, 0.05, rows, np.array([0, 0, 0]), ["A", "B"])
+    empty = Gallery.from_rows(0.5, 0.05, np.zeros((0, 128), np.float32), np.zeros(0, np.int32), [])
+    assert empty.people == 0 and not empty.match(rows[0]).accepted
+
+
+def test_freed_heap_is_given_back_where_glibc_can() -> None:
+    release_free_heap()  # harmless anywhere
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert _malloc_trim() is not None

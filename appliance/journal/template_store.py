@@ -7,8 +7,9 @@ loaded per model and a template made by another model is never compared with thi
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,6 +19,20 @@ from appliance.journal.sealing import Sealer
 
 def _context(person_id: str, model: str) -> str:
     return f"{person_id}|{model}"
+
+
+class LoadedTemplates(NamedTuple):
+    """Templates of one model as matrix rows: ``rows[i]`` belongs to ``people[owners[i]]``."""
+
+    people: list[str]
+    owners: np.ndarray  # int32, one per row
+    rows: np.ndarray  # float32 (n, dim), as stored (not normalised here)
+
+
+def _grown(array: np.ndarray, size: int) -> np.ndarray:
+    bigger = np.empty((size, *array.shape[1:]), dtype=array.dtype)
+    bigger[: len(array)] = array
+    return bigger
 
 
 class TemplateStore:
@@ -93,11 +108,42 @@ class TemplateStore:
     def load(self, model: str) -> dict[str, np.ndarray]:
         """person -> (k, dim) templates of this model, decrypted."""
         grouped: dict[str, list[np.ndarray]] = {}
+        for person_id, vector in self._opened(model):
+            grouped.setdefault(person_id, []).append(vector)
+        return {person: np.vstack(vectors) for person, vectors in grouped.items()}
+
+    def load_matrix(self, model: str, dim: int) -> LoadedTemplates:
+        """Every template of this model, decrypted straight into one (n, dim) float32 matrix.
+
+        The daemon holds the whole school and runs for months: rows written one by one into a matrix
+        allocated once at its final size leave no per-person arrays or growth copies behind to fragment
+        its heap (the gallery adopts the matrix as it is).
+        """
+        expected = self.counts(model)[1]
+        rows = np.empty((expected, dim), dtype=np.float32)
+        owners = np.empty(expected, dtype=np.int32)
+        people: list[str] = []
+        index: dict[str, int] = {}
+        count = 0
+        for person_id, vector in self._opened(model):
+            if len(vector) != dim:
+                raise ValueError(f"a stored template has {len(vector)} values, this model makes {dim}")
+            if count == len(rows):  # enrolled between the count and the read: rare, grow by an eighth
+                size = count + 64 + count // 8
+                rows, owners = _grown(rows, size), _grown(owners, size)
+            owner = index.get(person_id)
+            if owner is None:
+                owner = index[person_id] = len(people)
+                people.append(person_id)
+            rows[count], owners[count] = vector, owner
+            count += 1
+        return LoadedTemplates(people, owners[:count], rows[:count])
+
+    def _opened(self, model: str) -> Iterator[tuple[str, np.ndarray]]:
+        """(person, template) of this model in enrollment order, decrypted one at a time."""
         rows = self.conn.execute("SELECT person_id, sealed FROM templates WHERE model = ? ORDER BY id", [model])
         for person_id, sealed in rows:
-            plain = self.sealer.open(sealed, _context(person_id, model))
-            grouped.setdefault(person_id, []).append(np.frombuffer(plain, dtype=np.float32))
-        return {person: np.vstack(vectors) for person, vectors in grouped.items()}
+            yield person_id, np.frombuffer(self.sealer.open(sealed, _context(person_id, model)), dtype=np.float32)
 
     def counts(self, model: str | None = None) -> tuple[int, int]:
         """(people, templates), for one model or all."""

@@ -52,6 +52,32 @@ class Gallery:
         self._people: list[str] = []
         self._index: dict[str, int] = {}
 
+    @classmethod
+    def from_rows(
+        cls, threshold: float, margin: float, rows: np.ndarray, owners: np.ndarray, people: list[str]
+    ) -> Gallery:
+        """A gallery that adopts ``rows`` as its matrix, where ``rows[i]`` is a template of ``people[owners[i]]``.
+
+        Loading a whole school this way holds the templates once, in the array they were decrypted into,
+        with no per-person copies or growth copies on the way. The rows are normalised in place.
+        """
+        rows = np.require(rows, dtype=np.float32, requirements=["C", "W"])
+        owners = np.require(owners, dtype=np.int32)
+        if rows.ndim != 2 or owners.shape != (len(rows),):
+            raise ValueError(f"need a (n, dim) matrix and n owners, got {rows.shape} and {owners.shape}")
+        if len(set(people)) != len(people):
+            raise ValueError("a person is listed twice")
+        if len(rows) and (owners.min() < 0 or owners.max() >= len(people)):
+            raise ValueError("a row's owner is not in the list of people")
+        if np.bincount(owners, minlength=len(people)).min(initial=1) == 0:
+            raise ValueError("a listed person has no template")
+        gallery = cls(threshold, margin, dim=rows.shape[1])
+        rows /= np.maximum(np.sqrt(np.einsum("ij,ij->i", rows, rows)), 1e-12)[:, None]  # no (n, dim) temporary
+        gallery._rows, gallery._row_owners, gallery._count = rows, owners, len(rows)
+        gallery._people = list(people)
+        gallery._index = {person: index for index, person in enumerate(people)}
+        return gallery
+
     @property
     def _matrix(self) -> np.ndarray:
         """Every template, one row each (a view: the memory ``match`` reads)."""
