@@ -48,6 +48,8 @@ class _Reconfigure:
     config: GateConfig
     feedback: Feedback
     done: threading.Event = field(default_factory=threading.Event)
+
+
 PRUNE_INTERVAL = 3600.0
 FACE_READER = "camera"
 DISK_WARN_INTERVAL = 600.0

@@ -14,6 +14,7 @@ from appliance.hub.ingest import Incoming, Ingest
 from appliance.hub.resync import Resyncer, missing_ranges
 from appliance.hub.store import Connection, Store
 from appliance.sync.signing import canonical
+from appliance.sync.status import online_status
 
 TOPIC = "edugate/thcs-a/gate-01/events"
 
@@ -81,7 +82,7 @@ def test_gaps_open_close_and_the_tail_is_known_from_the_status(hub_conn: Connect
     contiguous, highest, gap_since = stream(hub_conn)
     assert (contiguous, highest) == (2, 8) and gap_since is not None
     assert missing_ranges(hub_conn, "gate-01", "a" * 32, 2, 8) == [(3, 3), (6, 7)]
-    status = {"schema": 1, "device": "gate-01", "online": True, "journal": "a" * 32, "last_seq": 10}
+    status = online_status("gate-01", [], None, True, backlog=2, oldest_unsynced=None, last_seq=10, journal="a" * 32)
     ingest.store_batch([incoming(status, topic="edugate/thcs-a/gate-01/status")])
     assert stream(hub_conn)[1] == 10
     assert missing_ranges(hub_conn, "gate-01", "a" * 32, 2, 10) == [(3, 3), (6, 7), (9, 10)]
@@ -109,3 +110,46 @@ def test_resync_asks_for_exactly_the_missing_ranges_once_per_period(hub_conn: Co
     assert (message["school"], message["device"], message["type"]) == ("thcs-a", "gate-01", "command")
     assert resyncer.run_once(now + timedelta(seconds=90)) == 0  # asked 29 s ago
     assert resyncer.run_once(now + timedelta(seconds=200)) == 2  # still missing: ask again
+
+
+def test_a_message_the_database_cannot_hold_never_blocks_the_others(hub_conn: Connection) -> None:
+    """Poison: valid JSON that breaks storage (a lone surrogate, a hook that chokes); the rest goes in."""
+    acks: list[str] = []
+
+    def choking_hook(conn: Connection, school: str, event: dict[str, Any]) -> None:
+        if event["card_uid"] == "0000BEEF":
+            raise ValueError("hook cannot handle this event")
+
+    ingest = Ingest(hub_conn, "edugate", [choking_hook])
+    good = [gate_event("gate-01", seq) for seq in range(1, 11)]
+    surrogate = b'{"schema":1,"device":"gate-01","online":true,"ts":"2026-11-23T07:00:00+07:00","reason":"\\ud800"}'
+    hooked = gate_event("gate-01", 11, card_uid="0000BEEF")
+    huge_status = {"schema": 1, "device": "gate-01", "online": True, "journal": "a" * 32, "last_seq": 2**63}
+    batch = [incoming(e, acks=acks) for e in good[:5]]
+    batch += [
+        Incoming("edugate/thcs-a/gate-01/status", surrogate, lambda: acks.append("surrogate")),
+        incoming(hooked, acks=acks),
+        incoming(huge_status, topic="edugate/thcs-a/gate-01/status", acks=acks),
+    ]
+    batch += [incoming(e, acks=acks) for e in good[5:]]
+    ingest.store_batch(batch)
+    assert len(acks) == len(batch)  # every message answered, none left for redelivery
+    stored = {r[0] for r in hub_conn.all("SELECT seq FROM events")}
+    assert stored == set(range(1, 11))
+    assert hub_conn.one("SELECT COUNT(*) FROM rejected_messages")[0] == 3
+    assert stream(hub_conn)[:2] == (10, 10)
+
+
+def test_resync_waits_while_the_gap_is_filling_and_gives_up_on_a_lost_one(hub_conn: Connection) -> None:
+    ingest = Ingest(hub_conn, "edugate")
+    ingest.store_batch([incoming(gate_event("gate-01", s)) for s in (1, 2, 3, 6)])
+    long_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat(timespec="milliseconds")
+    hub_conn.execute("UPDATE streams SET gap_since = ?", [long_ago])
+    sent: list[dict[str, Any]] = []
+    resyncer = Resyncer(hub_conn, "edugate", Ed25519PrivateKey.generate(), lambda t, d: sent.append(d), after=60)
+    assert resyncer.run_once() == 0  # the stream moved forward a moment ago: the backlog is still arriving
+    now = datetime.now(UTC)
+    asked = [resyncer.run_once(now + timedelta(seconds=61 + 60 * 2**n * 2)) for n in range(12)]
+    assert sum(asked) == 8  # 8 requests with growing pauses, then the hub gives up on the lost gap
+    row = hub_conn.one("SELECT resync_attempts FROM streams WHERE device = 'gate-01'")
+    assert row == (9,)

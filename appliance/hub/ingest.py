@@ -16,17 +16,20 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
+from importlib import resources
 from typing import Any
 
 import jsonschema
 
 from appliance.events import event_schema
 from appliance.hub.store import Connection, Store, StoreError
+from appliance.sync.downlink import describe_schema_error
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +61,27 @@ class IngestStats:
 
 
 @cache
-def _event_validator() -> jsonschema.protocols.Validator:
-    schema = event_schema()
+def _validator(name: str) -> jsonschema.protocols.Validator:
+    """The repository's schema for gate messages: event, status or result."""
+    if name == "event":
+        schema = event_schema()
+    else:
+        schema = json.loads(resources.files("appliance.schema").joinpath(f"{name}.schema.json").read_text("utf-8"))
     cls = jsonschema.validators.validator_for(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _check_schema(name: str, data: dict[str, Any]) -> None:
+    error = jsonschema.exceptions.best_match(_validator(name).iter_errors(data))
+    if error is not None:
+        raise Rejected(f"{name} schema: {describe_schema_error(error, '(' + name + ')')}")
+
+
+def is_transient(exc: BaseException, conn: Connection) -> bool:
+    """A database that is busy, down or unreachable (retry the batch) rather than a message it cannot hold."""
+    if conn.broken or isinstance(exc, sqlite3.OperationalError | StoreError):
+        return True
+    return type(exc).__module__.startswith("psycopg") and type(exc).__name__ in ("OperationalError", "InterfaceError")
 
 
 def _now() -> str:
@@ -106,24 +126,55 @@ class Ingest:
         self.stats = IngestStats()
 
     def store_batch(self, batch: list[Incoming]) -> None:
-        """One transaction for the batch, then every message's ack (never before the commit)."""
+        """One transaction for the batch, then every message's ack (never before the commit).
+
+        If the batch fails for a reason other than the database being unavailable, one of its
+        messages is one the database cannot hold (an out-of-range number, a broken string, a hook
+        that chokes on it): the messages are then stored one by one, and the one that still fails
+        is recorded as rejected and acknowledged, so a single bad message never blocks the queue.
+        A transient failure (database busy or down) propagates: nothing is acknowledged, retry later.
+        """
+        try:
+            self._store(batch)
+        except Exception as exc:
+            if len(batch) == 1 or is_transient(exc, self.conn):
+                if len(batch) == 1 and not is_transient(exc, self.conn):
+                    self._reject_alone(batch[0], exc)
+                    return
+                raise
+            log.warning(
+                "hub: a batch of %d failed (%s); storing its messages one by one", len(batch), type(exc).__name__
+            )
+            for message in batch:
+                self.store_batch([message])
+
+    def _store(self, batch: list[Incoming]) -> None:
         touched: set[tuple[str, str, str]] = set()
         with self.conn.transaction():
             for message in batch:
                 try:
                     touched |= self._store_one(message)
                 except Rejected as exc:
-                    self.stats.rejected += 1
-                    log.warning("hub: refused a message on %s: %s", message.topic, exc)
-                    self.conn.execute(
-                        "INSERT INTO rejected_messages(topic, reason, payload, received_at) VALUES (?, ?, ?, ?)",
-                        [message.topic, str(exc), _storable_text(message.payload), _now()],
-                    )
+                    self._record_rejection(message, str(exc))
             for device, journal, school in touched:
                 self._advance(device, journal, school)
         self.stats.batches += 1
         for message in batch:
             message.ack()
+
+    def _record_rejection(self, message: Incoming, reason: str) -> None:
+        self.stats.rejected += 1
+        log.warning("hub: refused a message on %s: %s", message.topic, reason)
+        self.conn.execute(
+            "INSERT INTO rejected_messages(topic, reason, payload, received_at) VALUES (?, ?, ?, ?)",
+            [message.topic, reason, _storable_text(message.payload), _now()],
+        )
+
+    def _reject_alone(self, message: Incoming, exc: Exception) -> None:
+        """A message that fails on its own, in its own transaction: kept as rejected, then acknowledged."""
+        with self.conn.transaction():
+            self._record_rejection(message, f"cannot be stored: {type(exc).__name__}")
+        message.ack()
 
     def _store_one(self, message: Incoming) -> set[tuple[str, str, str]]:
         where = parse_topic(message.topic, self.prefix)
@@ -139,15 +190,14 @@ class Ingest:
         if b"\\u0000" in message.payload and _has_nul(data):
             raise Rejected("a string holds a NUL character (\\u0000), which a database text column cannot store")
         if kind == "status":
+            _check_schema("status", data)
             self._status(school, device, data)
             return set()
         if kind == "result":
+            _check_schema("result", data)
             self._result(device, data)
             return set()
-        error = jsonschema.exceptions.best_match(_event_validator().iter_errors(data))
-        if error is not None:
-            where_in = "/".join(str(p) for p in error.absolute_path) or "(event)"
-            raise Rejected(f"event schema: {where_in}: {error.message}")
+        _check_schema("event", data)
         if data["device"] != device:
             raise Rejected(f"event of {data['device']} published on {device}'s topic")
         cur = self.conn.execute(
@@ -194,6 +244,7 @@ class Ingest:
         if row is None:
             return
         contiguous, highest, gap_since, requested = row
+        start = contiguous
         while True:
             seqs = [
                 r[0]
@@ -214,11 +265,18 @@ class Ingest:
                 break
         open_gap = highest > contiguous
         gap = gap_since if open_gap and gap_since else (_now() if open_gap else None)
-        self.conn.execute(
-            "UPDATE streams SET contiguous = ?, gap_since = ?, resync_requested_at = ? "
-            "WHERE device = ? AND journal = ?",
-            [contiguous, gap, requested if open_gap else None, device, journal],
-        )
+        if contiguous != start:
+            # Progress: the gap is being filled (a backlog or a resync arriving); asking again can wait.
+            self.conn.execute(
+                "UPDATE streams SET contiguous = ?, gap_since = ?, progress_at = ?, resync_attempts = 0, "
+                "resync_requested_at = ? WHERE device = ? AND journal = ?",
+                [contiguous, gap, _now(), requested if open_gap else None, device, journal],
+            )
+        else:
+            self.conn.execute(
+                "UPDATE streams SET gap_since = ?, resync_requested_at = ? WHERE device = ? AND journal = ?",
+                [gap, requested if open_gap else None, device, journal],
+            )
 
     def _status(self, school: str, device: str, data: dict[str, Any]) -> None:
         self.stats.statuses += 1
@@ -259,6 +317,7 @@ class IngestWorker:
         self.prefix = prefix
         self.hooks = hooks if hooks is not None else []  # the caller may add hooks to its list later
         self._queue: queue.Queue[Incoming | None] = queue.Queue()
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.ingest: Ingest | None = None
 
@@ -271,6 +330,7 @@ class IngestWorker:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(10)
@@ -295,6 +355,9 @@ class IngestWorker:
     def backlog(self) -> int:
         return self._queue.qsize()
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         assert self.ingest is not None
         while True:
@@ -312,16 +375,19 @@ class IngestWorker:
                     stopping = True
                     break
                 batch.append(item)
-            try:
-                self.ingest.store_batch(batch)
-                self.ingest.stats.last_error = None
-            except Exception as exc:
-                # Not acknowledged: the broker redelivers them after a reconnect. Keep the messages and retry.
-                self.ingest.stats.last_error = str(exc)
-                log.exception("hub: could not store a batch of %d messages; retrying", len(batch))
-                for item in batch:
-                    self._queue.put(item)
-                threading.Event().wait(1.0)
-                self._reconnect_if_broken()
+            delay = 1.0
+            while True:
+                try:
+                    self.ingest.store_batch(batch)
+                    self.ingest.stats.last_error = None
+                    break
+                except Exception as exc:
+                    # The database is unavailable: nothing was acknowledged; retry this batch, in order, first.
+                    self.ingest.stats.last_error = str(exc)
+                    log.error("hub: cannot store %d messages (%s); retrying in %.0f s", len(batch), exc, delay)
+                    if self._stopping.wait(delay):
+                        return
+                    delay = min(delay * 2, 30.0)
+                    self._reconnect_if_broken()
             if stopping:
                 return

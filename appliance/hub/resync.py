@@ -24,6 +24,7 @@ from appliance.sync.topics import Topics
 log = logging.getLogger(__name__)
 
 MAX_RANGES = 20  # per gate and request; the next round asks for the rest
+MAX_ATTEMPTS = 8  # requests for one gap that made no progress before the hub gives up on it
 
 
 def missing_ranges(conn: Connection, device: str, journal: str, after: int, upto: int) -> list[tuple[int, int]]:
@@ -62,18 +63,45 @@ class Resyncer:
         self.requested = 0
 
     def run_once(self, now: datetime | None = None) -> int:
-        """Send the resync commands that are due; returns how many ranges were asked for."""
+        """Send the resync commands that are due; returns how many ranges were asked for.
+
+        A gap is asked for once it has been open, and the gate's stream has not moved forward, for
+        ``resync_after``; again after twice as long each time, at most MAX_ATTEMPTS times (a gap
+        the gate cannot fill any more, e.g. pruned or salvaged away, is then reported and left).
+        Only the gate's current journal can be resent. Several hub instances claim a gap with a
+        compare-and-set, so only one of them asks.
+        """
         if self.key is None:
             return 0
         now = now or datetime.now(UTC)
+        stamp = now.isoformat(timespec="milliseconds")
         due = (now - self.after).isoformat(timespec="milliseconds")
         rows = self.conn.all(
-            "SELECT device, journal, school, contiguous, highest FROM streams WHERE highest > contiguous "
-            "AND gap_since <= ? AND (resync_requested_at IS NULL OR resync_requested_at <= ?)",
-            [due, due],
+            "SELECT s.device, s.journal, s.school, s.contiguous, s.highest, s.resync_requested_at, "
+            "s.resync_attempts, d.status FROM streams s LEFT JOIN devices d ON d.device = s.device "
+            "WHERE s.highest > s.contiguous AND s.gap_since <= ? AND COALESCE(s.progress_at, s.gap_since) <= ? "
+            "AND s.resync_attempts <= ?",
+            [due, due, MAX_ATTEMPTS],
         )
         asked = 0
-        for device, journal, school, contiguous, highest in rows:
+        for device, journal, school, contiguous, highest, requested, attempts, status in rows:
+            if attempts >= MAX_ATTEMPTS:
+                self._give_up(device, journal, contiguous, highest, attempts)
+                continue
+            if requested is not None:
+                wait = self.after * (2**attempts)
+                if datetime.fromisoformat(requested) + wait > now:
+                    continue
+            current = _current_journal(status)
+            if current is not None and current != journal:
+                continue  # an earlier journal of this gate (rebuilt after damage): it can no longer resend it
+            claimed = self.conn.execute(
+                "UPDATE streams SET resync_requested_at = ?, resync_attempts = resync_attempts + 1 "
+                "WHERE device = ? AND journal = ? AND resync_attempts = ?",
+                [stamp, device, journal, attempts],
+            ).rowcount
+            if claimed != 1:
+                continue  # another hub instance took it
             ranges = missing_ranges(self.conn, device, journal, contiguous, highest)
             topic = Topics(self.prefix, school, device).downlink_topic("command")
             for first, last in ranges:
@@ -82,11 +110,35 @@ class Resyncer:
                 self.publish(topic, json.dumps(message, ensure_ascii=False).encode("utf-8"))
                 asked += 1
             log.warning(
-                "hub: %d range(s) of %s's events are missing; asked the gate to send them again", len(ranges), device
-            )
-            self.conn.execute(
-                "UPDATE streams SET resync_requested_at = ? WHERE device = ? AND journal = ?",
-                [now.isoformat(timespec="milliseconds"), device, journal],
+                "hub: %d range(s) of %s's events are missing; asked the gate to send them again (request %d of %d)",
+                len(ranges),
+                device,
+                attempts + 1,
+                MAX_ATTEMPTS,
             )
         self.requested += asked
         return asked
+
+    def _give_up(self, device: str, journal: str, contiguous: int, highest: int, attempts: int) -> None:
+        self.conn.execute(
+            "UPDATE streams SET resync_attempts = ? WHERE device = ? AND journal = ? AND resync_attempts = ?",
+            [attempts + 1, device, journal, attempts],
+        )
+        log.error(
+            "hub: %s still misses events between seq %d and %d after %d requests; the gate no longer has them "
+            "(see edugate hub gates / the API); giving up on this gap",
+            device,
+            contiguous + 1,
+            highest,
+            attempts,
+        )
+
+
+def _current_journal(status: str | None) -> str | None:
+    if not status:
+        return None
+    try:
+        journal = json.loads(status).get("journal")
+    except ValueError:
+        return None
+    return journal if isinstance(journal, str) else None

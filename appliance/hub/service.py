@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from appliance import __version__
@@ -25,6 +26,7 @@ from appliance.sync.transport import MqttTransport
 log = logging.getLogger(__name__)
 
 RESYNC_EVERY = 5.0
+REJECTED_RETENTION = timedelta(days=30)  # refused payloads may hold personal data: kept for diagnosis only
 
 
 class Component(Protocol):
@@ -90,6 +92,9 @@ class HubService:
 
             self.hooks.append(event_hook(self.config))
             self.components.append(outbox_worker(self.store, self.config))
+        from appliance.hub.jobs import daily_jobs
+
+        self.components.append(daily_jobs(self.store, self.config))
         if self.config.api.enabled:
             from appliance.hub.api import api_server
 
@@ -116,20 +121,30 @@ class HubService:
         self.notifier.notify("READY=1")
         try:
             while not self._stop.wait(RESYNC_EVERY):
-                self.notifier.notify("WATCHDOG=1")
-                if self.transport.connected.is_set():
-                    try:
-                        self.resyncer.run_once()
-                    except Exception:
-                        log.exception("hub: resync round failed")
+                if self.ingest.alive():
+                    self.notifier.notify("WATCHDOG=1")  # a dead ingest thread gets the hub restarted by systemd
+                self._housekeeping()
         finally:
             self.notifier.notify("STOPPING=1")
             for component in reversed(self.components):
                 component.stop()
             self.transport.stop()
             self.ingest.stop()
-            self._resync_conn.close()
+            self.resyncer.conn.close()
             log.info("edugate hub stopped")
+
+    def _housekeeping(self) -> None:
+        """Resync requests and pruning, on a connection that is opened again if the database dropped it."""
+        try:
+            if self.resyncer.conn.broken:
+                self.resyncer.conn.close()
+                self.resyncer.conn = self.store.connect()
+            if self.transport.connected.is_set():
+                self.resyncer.run_once()
+            cutoff = (datetime.now(UTC) - REJECTED_RETENTION).isoformat(timespec="milliseconds")
+            self.resyncer.conn.execute("DELETE FROM rejected_messages WHERE received_at < ?", [cutoff])
+        except Exception as exc:
+            log.error("hub: resync round failed: %s", exc)
 
     def wait_online(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -40,6 +40,7 @@ TABLES = [
     )""",
     "CREATE INDEX IF NOT EXISTS events_stream ON events(device, journal, seq)",
     "CREATE INDEX IF NOT EXISTS events_day ON events(school, day, person)",
+    "CREATE INDEX IF NOT EXISTS events_person ON events(school, person, ts)",
     # One row per (device, journal): what the hub holds of that gate's seq numbers.
     """CREATE TABLE IF NOT EXISTS streams (
         device TEXT NOT NULL,
@@ -48,7 +49,9 @@ TABLES = [
         contiguous BIGINT NOT NULL,
         highest BIGINT NOT NULL,
         gap_since TEXT,
+        progress_at TEXT,
         resync_requested_at TEXT,
+        resync_attempts INTEGER NOT NULL DEFAULT 0,
         updated_at TEXT NOT NULL,
         PRIMARY KEY (device, journal)
     )""",
