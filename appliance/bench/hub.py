@@ -14,6 +14,12 @@ big enough for the backlog) with the gates' ACL.
 2. Baseline, same run, same rows: bare ``executemany`` inserts in batches of 500 into the same
    events table (sqlite3; psycopg too with ``--postgres``), one transaction per batch. The ratio is
    what validation, dedupe, the streams and MQTT cost on top of writing the rows.
+3. Latency, everything online: a real ``edugate run`` (a socket lane, its sync to the bench
+   broker) and the hub (ingest with the notification hook, the outbox worker, wired as HubService
+   wires them) with ``[notify]`` on and a webhook to an HTTP server started here. Card UIDs of
+   distinct students (parents' phones in the hub's people table) are written to the lane, spaced
+   like arrivals at a gate; each is timed from the write to the webhook request for that student
+   (one clock: CLOCK_MONOTONIC), with the hub's commit in between.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from appliance.bench.stats import emit, machine_info, progress
+from appliance.bench.stats import emit, machine_info, progress, summary
 from appliance.bench.sync import BROKER_SETTINGS, BenchBroker, BenchError, mosquitto_missing, realistic_drafts
 from appliance.events import Event
 
@@ -51,6 +57,9 @@ BASELINE_BATCH = 500
 PUBLISH_CHUNK = 20_000  # messages a gate publishes before waiting for their PUBACKs (paho's ids are 16-bit)
 STALL_SECONDS = 60.0  # no progress for this long means something is broken, not slow
 NO_MATCHING_SUBSCRIBERS = 0x10
+LIVE_DEVICE = "bench-lane"
+TAP_GAP = (0.1, 0.3)  # seconds between two students at the gate
+READY_TIMEOUT = 60.0
 
 
 def gate_name(index: int) -> str:
@@ -161,7 +170,12 @@ def publish_backlog(broker: BenchBroker, passwords: dict[str, str], events: dict
     return time.monotonic() - began
 
 
-def _wait_for(done: Callable[[], int], total: int) -> float | None:
+def _count(conn: Any) -> int:
+    row = conn.one("SELECT COUNT(*) FROM events")
+    return int(row[0]) if row else 0
+
+
+def _wait_for(done: Callable[[], int], total: int, poll: float = 0.005) -> float | None:
     """Poll ``done()`` until it reaches ``total``: time.monotonic() then, or None after a stall."""
     last, last_change = -1, time.monotonic()
     while True:
@@ -173,7 +187,7 @@ def _wait_for(done: Callable[[], int], total: int) -> float | None:
             last, last_change = now_done, now
         elif now - last_change > STALL_SECONDS:
             return None
-        time.sleep(0.005)
+        time.sleep(poll)
 
 
 # --------------------------------------------------------------------------------------------------- the hub
@@ -263,15 +277,19 @@ def run_ingest(config: Any, total: int, label: str) -> dict[str, Any]:
     began = time.monotonic()
     worker.start()
     transport.start()
+    counter = store.connect()
     try:
         assert worker.ingest is not None
         stats = worker.ingest.stats
-        # Done when every event is in and every message handled so far is acknowledged (so committed).
-        done = _wait_for(lambda: min(stats.stored, acked[0] - stats.duplicates - stats.rejected), total)
+        # Acknowledged means committed; the table is the judge (a redelivered message is acknowledged too).
+        done = _wait_for(lambda: acked[0], total)
+        if done is not None:
+            done = _wait_for(lambda: _count(counter), total, poll=0.05)
         seconds = done - began if done is not None else None
     finally:
         transport.stop()
         worker.stop()
+        counter.close()
     conn = store.connect()
     try:
         rows, distinct = conn.one("SELECT COUNT(*), COUNT(DISTINCT id) FROM events") or (0, 0)
@@ -438,6 +456,281 @@ def with_search_path(url: str, schema: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))  # libpq reads no '+' as space
 
 
+# --------------------------------------------------------------------------------------------------- latency
+
+
+def student_id(index: int) -> str:
+    return f"HS{index + 1:05d}"
+
+
+def tap_uid(index: int) -> str:
+    return f"0A{0xC0_0000_0000 + index:012X}"
+
+
+class WebhookSink:
+    """The parents' gateway stand-in: records when each student's message arrived, answers 200."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                now = time.monotonic()
+                try:
+                    message = json.loads(body)
+                except ValueError:
+                    message = {}
+                sink.record(str(message.get("student")), str(message.get("kind")), now, self.headers)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/notify"
+        self.arrivals: dict[tuple[str, str], float] = {}
+        self.requests = 0
+        self.keys: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.server.serve_forever, name="bench-webhook", daemon=True)
+
+    def record(self, student: str, kind: str, at: float, headers: Any) -> None:
+        with self._lock:
+            self.requests += 1
+            self.arrivals.setdefault((student, kind), at)
+            key = str(headers.get("Idempotency-Key"))
+            self.keys[key] = self.keys.get(key, 0) + 1
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _toml(value: Any) -> str:
+    """TOML for the few value types of the bench's gate.toml (JSON strings are valid TOML basic strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(str(value))
+
+
+def gate_toml(journal: Path, lane: Path, broker: BenchBroker, password: Path) -> str:
+    """A gate whose every tap of a known card is an arrival (windows all day), synced to the bench broker."""
+    whole_day = ["00:00", "23:59"]
+    sections: dict[str, dict[str, Any]] = {
+        "device": {"id": LIVE_DEVICE, "school": SCHOOL},
+        "journal": {"path": str(journal), "min_free_mb": 1},
+        "policy": {"debounce_seconds": 30},
+        "policy.student": {"arrival_window": whole_day, "departure_window": whole_day, "start": "23:59"},
+        "policy.staff": {"arrival_window": whole_day, "departure_window": whole_day, "start": "23:59"},
+        "feedback": {"outputs": ["console"], "show_names": False},
+        "logging": {"level": "WARNING"},
+        "sync": {
+            "enabled": True,
+            "host": broker.host,
+            "port": broker.port,
+            "tls": False,
+            "username": LIVE_DEVICE,
+            "password_file": str(password),
+        },
+    }
+    text = "".join(
+        f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items()) + "\n"
+        for name, keys in sections.items()
+    )
+    reader = {"name": "lane-in", "type": "socket", "path": str(lane), "direction": "in"}
+    return text + "[[readers]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in reader.items())
+
+
+def students(taps: int) -> list[Any]:
+    from appliance.roster.model import Person, Role
+
+    return [
+        Person(
+            student_id(i),
+            f"Học sinh {i + 1:05d}",
+            Role.STUDENT,
+            f"{6 + i % 4}A",
+            True,
+            (tap_uid(i),),
+            parent_phones=(f"09{10_000_000 + i:08d}",),
+        )
+        for i in range(taps)
+    ]
+
+
+def enroll_gate(journal: Path, people: list[Any]) -> None:
+    from appliance.journal import open_database
+    from appliance.journal.roster_store import RosterStore
+
+    database = open_database(journal, writer=True)
+    try:
+        RosterStore(database).apply(people, replace=True)
+    finally:
+        database.close()
+
+
+def enroll_hub(store: Any, people: list[Any]) -> None:
+    """The hub's people table, as a roster import leaves it: the children and their parents' phones."""
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    conn = store.connect()
+    try:
+        with conn.transaction():
+            conn.executemany(
+                "INSERT INTO people(school, id, full_name, role, class_name, active, cards, parent_phones,"
+                " parent_emails, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        SCHOOL,
+                        p.id,
+                        p.full_name,
+                        str(p.role),
+                        p.class_name,
+                        1,
+                        json.dumps(list(p.cards)),
+                        json.dumps(list(p.parent_phones)),
+                        json.dumps([]),
+                        now,
+                    )
+                    for p in people
+                ],
+            )
+    finally:
+        conn.close()
+
+
+def _connect_lane(path: Path, timeout: float = 10.0) -> Any:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        lane = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lane.connect(str(path))
+            return lane
+        except (FileNotFoundError, ConnectionRefusedError):
+            lane.close()
+            if time.monotonic() > deadline:
+                raise BenchError(f"the daemon's socket lane {path} never accepted a connection") from None
+            time.sleep(0.05)
+
+
+def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, taps: int) -> dict[str, Any]:
+    """Tap written to a real gate daemon's lane -> the parents' webhook request, with the hub online."""
+    from appliance.bench.sync import DaemonRun
+    from appliance.hub.ingest import IngestWorker
+    from appliance.hub.notify import event_hook, outbox_worker
+    from appliance.hub.store import Store
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    people = students(taps)
+    sink = WebhookSink()
+    sink.start()
+    config = hub_config(
+        broker,
+        workdir.parent,
+        f"sqlite:///{workdir / 'hub.db'}",
+        notify={"enabled": True, "webhook": {"url": sink.url, "timeout": 10}},
+    )
+    store = Store(config.database)
+    store.migrate()
+    enroll_hub(store, people)
+    stored_at: dict[str, float] = {}
+    plan = event_hook(config)
+
+    def hook(conn: Any, school: str, event: dict[str, Any]) -> None:
+        plan(conn, school, event)
+        if event.get("person"):
+            stored_at.setdefault(str(event["person"]), time.monotonic())
+
+    worker = IngestWorker(store, config.mqtt.topic_prefix, [hook])
+    transport = _hub_transport(config)
+    transport.on_message = worker.submit
+    outbox = outbox_worker(store, config)
+    password = workdir / "gate-password"
+    password.write_text(passwords[LIVE_DEVICE] + "\n")
+    password.chmod(0o600)
+    journal, lane_path = workdir / "journal.db", workdir / "lane.sock"
+    enroll_gate(journal, people)
+    gate = workdir / "gate.toml"
+    gate.write_text(gate_toml(journal, lane_path, broker, password))
+    progress(f"bench hub: latency: edugate run + hub with notify, {taps} taps of distinct students")
+    worker.start()
+    transport.start()
+    outbox.start()
+    daemon: Any = None
+    lane: Any = None
+    written: dict[str, float] = {}
+    try:
+        if not transport.connected.wait(15):
+            raise BenchError(f"the hub could not connect to the bench broker: {transport.link.last_error}")
+        daemon = DaemonRun(gate, workdir)
+        daemon.wait_ready()
+        lane = _connect_lane(lane_path)
+        rng = random.Random(17)
+        for index in range(taps):
+            time.sleep(rng.uniform(*TAP_GAP))
+            written[student_id(index)] = time.monotonic()
+            lane.sendall(f"{tap_uid(index)}\n".encode())
+        _wait_for(lambda: len(sink.arrivals), taps)
+        time.sleep(1.0)  # a second delivery of any message would show up here
+    finally:
+        if lane is not None:
+            lane.close()
+        exit_code = daemon.stop() if daemon is not None else None
+        outbox.stop()
+        transport.stop()
+        worker.stop()
+        sink.stop()
+    to_webhook, to_hub, hub_to_webhook = [], [], []
+    for person, began in written.items():
+        arrived = sink.arrivals.get((person, "arrival"))
+        stored = stored_at.get(person)
+        if arrived is not None:
+            to_webhook.append((arrived - began) * 1000)
+        if stored is not None:
+            to_hub.append((stored - began) * 1000)
+        if arrived is not None and stored is not None:
+            hub_to_webhook.append((arrived - stored) * 1000)
+    conn = store.connect()
+    try:
+        statuses = dict(conn.all("SELECT status, COUNT(*) FROM outbox GROUP BY status"))
+        events = conn.one("SELECT COUNT(*) FROM events WHERE device = ?", [LIVE_DEVICE])
+    finally:
+        conn.close()
+    result = {
+        "bench": "hub",
+        "measure": "latency",
+        "taps": taps,
+        "hub_events": events[0] if events else 0,
+        "notified": len(to_webhook),
+        "missing": taps - len(to_webhook),
+        "webhook_requests": sink.requests,
+        "duplicates": sum(n - 1 for n in sink.keys.values()),
+        "outbox": statuses,
+        "daemon_exit_code": exit_code,
+        **summary(to_webhook, "tap_to_webhook_ms", (50, 95, 99)),
+        **summary(to_hub, "tap_to_hub_ms", (50, 95, 99)),
+        **summary(hub_to_webhook, "hub_to_webhook_ms", (50, 95, 99)),
+    }
+    emit(**result)
+    return result
+
+
 # --------------------------------------------------------------------------------------------------- run
 
 
@@ -456,7 +749,7 @@ def run(events: int, gates: int, taps: int, postgres: str | None, workdir: Path 
     schemas = PgSchemas(postgres) if postgres else None
     try:
         devices = [gate_name(i) for i in range(gates)]
-        passwords = {user: secrets.token_urlsafe(18) for user in (HUB_USER, *devices)}
+        passwords = {user: secrets.token_urlsafe(18) for user in (HUB_USER, LIVE_DEVICE, *devices)}
         broker = QueueBroker(base / "broker", passwords, events + 10_000)
         broker.start()
         emit(
@@ -495,7 +788,8 @@ def run(events: int, gates: int, taps: int, postgres: str | None, workdir: Path 
             else:
                 assert schemas is not None
                 baselines[label] = baseline_postgres(rows, schemas.new("baseline"))
-        _summary(events, ingests, baselines)
+        latency = run_latency(broker, passwords, base / "live", taps)
+        _summary(events, ingests, baselines, latency)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if schemas is not None:
@@ -505,7 +799,9 @@ def run(events: int, gates: int, taps: int, postgres: str | None, workdir: Path 
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _summary(events: int, ingests: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> None:
+def _summary(
+    events: int, ingests: dict[str, dict[str, Any]], baselines: dict[str, dict[str, Any]], latency: dict[str, Any]
+) -> None:
     out: dict[str, Any] = {"bench": "hub", "events": events}
     for label, ingest in ingests.items():
         rate, raw = ingest["events_per_s"], baselines[label]["events_per_s"]
@@ -514,6 +810,18 @@ def _summary(events: int, ingests: dict[str, dict[str, Any]], baselines: dict[st
         out[f"{label}_ratio"] = round(rate / raw, 3) if rate and raw else None
         out[f"{label}_every_event_once"] = ingest["every_event_once"]
     sqlite_rate = ingests["sqlite"]["events_per_s"]
-    out["target_events_per_s"] = TARGET_INGEST_PER_S
-    out["ingest_target_met"] = bool(sqlite_rate) and sqlite_rate >= TARGET_INGEST_PER_S
+    p95 = latency.get("tap_to_webhook_ms_p95")
+    out.update(
+        latency_taps=latency["taps"],
+        latency_missing=latency["missing"],
+        latency_duplicates=latency["duplicates"],
+        latency_ms_p50=latency.get("tap_to_webhook_ms_p50"),
+        latency_ms_p95=p95,
+        latency_ms_max=latency.get("tap_to_webhook_ms_max"),
+        target_events_per_s=TARGET_INGEST_PER_S,
+        target_latency_p95_ms=TARGET_LATENCY_P95_MS,
+    )
+    ingest_met = bool(sqlite_rate) and sqlite_rate >= TARGET_INGEST_PER_S
+    latency_met = p95 is not None and p95 <= TARGET_LATENCY_P95_MS and latency["missing"] == 0
+    out.update(ingest_target_met=ingest_met, latency_target_met=latency_met, target_met=ingest_met and latency_met)
     emit(**out)
