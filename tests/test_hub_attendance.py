@@ -738,3 +738,16 @@ def test_cli_absent_report_and_leave_import(
         main, ["hub", "leave", "import", str(tmp_path / "nope.csv"), "--school", SCHOOL, "--config", str(config)]
     )
     assert missing.exit_code == 1 and "no such file" in missing.output
+
+
+def test_nothing_is_decided_until_the_hub_has_caught_up(hub_store: Store, hub_conn: Connection, tmp_path: Path) -> None:
+    """A hub restarted after the cut-off first takes in the arrivals the broker kept for it."""
+    config = hub_config(tmp_path)
+    school_monday(hub_conn)
+    caught_up = {"now": False}
+    jobs = DailyJobs(hub_store, config, ready=lambda: caught_up["now"])
+    jobs.run_once(at(MONDAY, "09:00"))
+    assert absence_rows(hub_conn) == {}
+    caught_up["now"] = True
+    jobs.run_once(at(MONDAY, "09:01"))
+    assert absence_rows(hub_conn)[f"absent/{SCHOOL}/2024-10-21/6A"]["absent"] == ["HS004", "HS005"]

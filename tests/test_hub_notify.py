@@ -747,6 +747,12 @@ def test_outbox_lists_without_contacts_and_retries_failed(
 # ------------------------------------------------------------------------------------------------ end to end
 
 
+def _not_today() -> str:
+    days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+    today = datetime.now(ZONE).weekday()
+    return days[(today + 1) % 7]
+
+
 def _hub_toml(tmp_path: Path, broker: Broker, pki: Pki, url: str) -> Path:
     password = tmp_path / "hub.password"
     password.write_text(BROKER_USERS["hub"] + "\n")
@@ -757,6 +763,8 @@ def _hub_toml(tmp_path: Path, broker: Broker, pki: Pki, url: str) -> Path:
         {
             "hub": {"id": "hub-notify"},
             "database": {"url": f"sqlite:///{tmp_path / 'hub.db'}"},
+            # Arrivals and departures only: today is not a school day, so no absence cut-off fires mid-test.
+            "attendance": {"school_days": [_not_today()]},
             "mqtt": {
                 "host": broker.host,
                 "port": broker.port,

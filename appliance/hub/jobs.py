@@ -177,10 +177,15 @@ def run_report(
 class DailyJobs:
     """One thread, one database connection; a round every ``tick`` seconds (and at once when started)."""
 
-    def __init__(self, store: Store, config: HubConfig, tick: float = TICK) -> None:
+    def __init__(
+        self, store: Store, config: HubConfig, tick: float = TICK, ready: Callable[[], bool] = lambda: True
+    ) -> None:
         self.store = store
         self.config = config
         self.tick = tick
+        # Whether the hub has taken in what the broker held for it: after a restart at 9:00 the morning's
+        # arrivals are still queued, and deciding before they are in would mark present students absent.
+        self.ready = ready
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: Connection | None = None
@@ -249,7 +254,7 @@ class DailyJobs:
         """Everything due today by ``now`` (the hub's local time) that is not yet done."""
         now = (now or datetime.now(self.config.zone)).astimezone(self.config.zone)
         today = now.date()
-        if not is_school_day(self.config, today):
+        if not is_school_day(self.config, today) or not self.ready():
             return
         conn = self._connection()
         for school in schools(conn, self.config):
@@ -264,6 +269,9 @@ class DailyJobs:
                 return
 
 
-def daily_jobs(store: Store, config: HubConfig) -> DailyJobs:
-    """The entry point the hub service starts: absences at the cut-offs, the report at ``report.send_at``."""
-    return DailyJobs(store, config)
+def daily_jobs(store: Store, config: HubConfig, ready: Callable[[], bool] = lambda: True) -> DailyJobs:
+    """The entry point the hub service starts: absences at the cut-offs, the report at ``report.send_at``.
+
+    ``ready`` says whether the hub's ingest has caught up with the broker; nothing is decided before.
+    """
+    return DailyJobs(store, config, ready=ready)

@@ -26,6 +26,7 @@ from appliance.sync.transport import MqttTransport
 log = logging.getLogger(__name__)
 
 RESYNC_EVERY = 5.0
+CATCH_UP_SECONDS = 30.0  # after a (re)connect, time for the broker to hand over what it queued for the hub
 REJECTED_RETENTION = timedelta(days=30)  # refused payloads may hold personal data: kept for diagnosis only
 
 
@@ -94,7 +95,7 @@ class HubService:
             self.components.append(outbox_worker(self.store, self.config))
         from appliance.hub.jobs import daily_jobs
 
-        self.components.append(daily_jobs(self.store, self.config))
+        self.components.append(daily_jobs(self.store, self.config, ready=self.caught_up))
         if self.config.api.enabled:
             from appliance.hub.api import api_server
 
@@ -145,6 +146,16 @@ class HubService:
             self.resyncer.conn.execute("DELETE FROM rejected_messages WHERE received_at < ?", [cutoff])
         except Exception as exc:
             log.error("hub: resync round failed: %s", exc)
+
+    def caught_up(self) -> bool:
+        """Online for a while with nothing waiting to be stored: what the broker queued for the hub is in."""
+        link = self.transport.link
+        return (
+            link.state == "online"
+            and time.time() - link.since >= CATCH_UP_SECONDS
+            and self.ingest.backlog() == 0
+            and self.ingest.alive()
+        )
 
     def wait_online(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
