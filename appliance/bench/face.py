@@ -21,9 +21,8 @@ both alike); decoding is timed on its own and is in neither side's frames/s:
   accepted match is one unknown.
 
 Both must reach the same decisions (accepted people, unknown passes); the target is at least 3x the naive
-frames/s. The summary also counts passes the pipeline decided more than once: its tracker links boxes by overlap,
-so a face that moves about half its width between two frames starts a new track: with these faces at 15 fps,
-none at 560-700 px/s (the default walk is 560), many from 800 px/s (``--walk-speed`` reproduces it).
+frames/s. The summary also counts passes the pipeline decided more than once (a tracker that loses a moving
+face starts a new track and decides it again); ``--walk-speed`` checks that at faster walks.
 Per-stage latencies (detect at the configured size and at full size, align, quality, embed, match) are measured
 on the same frames.
 """
