@@ -43,7 +43,14 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from appliance.bench.stats import emit, machine_info, progress, summary
-from appliance.bench.sync import BROKER_SETTINGS, BenchBroker, BenchError, mosquitto_missing, realistic_drafts
+from appliance.bench.sync import (
+    BROKER_SETTINGS,
+    BenchBroker,
+    BenchError,
+    daemon_toml,
+    mosquitto_missing,
+    realistic_drafts,
+)
 from appliance.events import Event
 
 TARGET_INGEST_PER_S = 2000
@@ -517,45 +524,6 @@ class WebhookSink:
         self.server.server_close()
 
 
-def _toml(value: Any) -> str:
-    """TOML for the few value types of the bench's gate.toml (JSON strings are valid TOML basic strings)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, int):
-        return str(value)
-    return json.dumps(str(value))
-
-
-def gate_toml(journal: Path, lane: Path, broker: BenchBroker, password: Path) -> str:
-    """A gate whose every tap of a known card is an arrival (windows all day), synced to the bench broker."""
-    whole_day = ["00:00", "23:59"]
-    sections: dict[str, dict[str, Any]] = {
-        "device": {"id": LIVE_DEVICE, "school": SCHOOL},
-        "journal": {"path": str(journal), "min_free_mb": 1},
-        "policy": {"debounce_seconds": 30},
-        "policy.student": {"arrival_window": whole_day, "departure_window": whole_day, "start": "23:59"},
-        "policy.staff": {"arrival_window": whole_day, "departure_window": whole_day, "start": "23:59"},
-        "feedback": {"outputs": ["console"], "show_names": False},
-        "logging": {"level": "WARNING"},
-        "sync": {
-            "enabled": True,
-            "host": broker.host,
-            "port": broker.port,
-            "tls": False,
-            "username": LIVE_DEVICE,
-            "password_file": str(password),
-        },
-    }
-    text = "".join(
-        f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items()) + "\n"
-        for name, keys in sections.items()
-    )
-    reader = {"name": "lane-in", "type": "socket", "path": str(lane), "direction": "in"}
-    return text + "[[readers]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in reader.items())
-
-
 def students(taps: int) -> list[Any]:
     from appliance.roster.model import Person, Role
 
@@ -667,7 +635,9 @@ def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, t
     journal, lane_path = workdir / "journal.db", workdir / "lane.sock"
     enroll_gate(journal, people)
     gate = workdir / "gate.toml"
-    gate.write_text(gate_toml(journal, lane_path, broker, password))
+    gate.write_text(
+        daemon_toml(journal, lane_path, broker, None, password, show_names=False, device=LIVE_DEVICE, school=SCHOOL)
+    )
     progress(f"bench hub: latency: edugate run + hub with notify, {taps} taps of distinct students")
     worker.start()
     transport.start()

@@ -681,15 +681,29 @@ def _toml(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def _daemon_toml(journal: Path, lane: Path, broker: BenchBroker, ca: Path | None, password: Path, window: int) -> str:
+def daemon_toml(
+    journal: Path,
+    lane: Path,
+    broker: BenchBroker,
+    ca: Path | None,
+    password: Path,
+    window: int = 100,
+    show_names: bool = True,
+    device: str = LIVE_DEVICE,
+    school: str = SCHOOL,
+) -> str:
+    """A gate whose every tap of a known card is an arrival (windows all day), synced to the bench broker.
+
+    ``show_names`` puts the student's name in the console acknowledgement (what ``bench sync`` reads).
+    """
     whole_day = ["00:00", "23:59"]
     sections: dict[str, dict[str, Any]] = {
-        "device": {"id": LIVE_DEVICE, "school": SCHOOL},
+        "device": {"id": device, "school": school},
         "journal": {"path": str(journal), "min_free_mb": 1},
         "policy": {"debounce_seconds": 30},
         "policy.student": {"arrival_window": whole_day, "departure_window": whole_day, "start": "23:59"},
         "policy.staff": {"arrival_window": whole_day, "departure_window": whole_day, "start": "23:59"},
-        "feedback": {"outputs": ["console"], "show_names": True},
+        "feedback": {"outputs": ["console"], "show_names": show_names},
         "logging": {"level": "WARNING"},
         "sync": {
             "enabled": True,
@@ -697,7 +711,7 @@ def _daemon_toml(journal: Path, lane: Path, broker: BenchBroker, ca: Path | None
             "port": broker.port,
             "tls": ca is not None,
             **({"ca_file": str(ca)} if ca is not None else {}),
-            "username": LIVE_DEVICE,
+            "username": device,
             "password_file": str(password),
             "window": window,
         },
@@ -825,7 +839,7 @@ def run_daemon_latency(
     lane_path = workdir / "lane.sock"
     _enroll(journal, taps)
     config = workdir / "gate.toml"
-    config.write_text(_daemon_toml(journal, lane_path, broker, ca, password, window))
+    config.write_text(daemon_toml(journal, lane_path, broker, ca, password, window))
     progress(f"bench sync: live end to end: edugate run, {taps} taps on a socket lane")
     daemon = DaemonRun(config, workdir)
     written: dict[int, float] = {}
