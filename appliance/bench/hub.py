@@ -52,6 +52,7 @@ from appliance.bench.sync import (
     realistic_drafts,
 )
 from appliance.events import Event
+from appliance.hub.ingest import event_row
 
 TARGET_INGEST_PER_S = 2000
 TARGET_LATENCY_P95_MS = 5000
@@ -332,29 +333,11 @@ def run_ingest(config: Any, total: int, label: str) -> dict[str, Any]:
 def event_rows(events: dict[str, list[bytes]]) -> list[tuple[Any, ...]]:
     """The events table's rows for the payloads, as the ingest builds them (prepared outside the timing)."""
     received = datetime.now(UTC).isoformat(timespec="milliseconds")
-    rows = []
-    for device, payloads in events.items():
-        for raw in payloads:
-            data = json.loads(raw)
-            rows.append(
-                (
-                    data["id"],
-                    SCHOOL,
-                    device,
-                    data["journal"],
-                    data["seq"],
-                    data["ts"],
-                    data["ts"][:10],
-                    data["kind"],
-                    data.get("person"),
-                    data.get("role"),
-                    data["method"],
-                    None if data.get("late") is None else int(data["late"]),
-                    json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True),
-                    received,
-                )
-            )
-    return rows
+    return [
+        tuple(event_row(SCHOOL, device, json.loads(raw), received))
+        for device, payloads in events.items()
+        for raw in payloads
+    ]
 
 
 INSERT_EVENT = (

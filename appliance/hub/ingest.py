@@ -100,6 +100,32 @@ class Rejected(Exception):
     pass
 
 
+INSERT_EVENT = (
+    "INSERT INTO events(id, school, device, journal, seq, ts, day, kind, person, role, method, late, payload,"
+    " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING"
+)
+
+
+def event_row(school: str, device: str, data: dict[str, Any], received_at: str) -> list[Any]:
+    """The events table's row for a validated event (also what the ingest benchmark's baseline inserts)."""
+    return [
+        data["id"],
+        school,
+        device,
+        data["journal"],
+        data["seq"],
+        data["ts"],
+        data["ts"][:10],
+        data["kind"],
+        data.get("person"),
+        data.get("role"),
+        data["method"],
+        None if data.get("late") is None else int(data["late"]),
+        json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True),
+        received_at,
+    ]
+
+
 def _has_nul(value: Any) -> bool:
     """Whether a decoded JSON value holds U+0000 anywhere (PostgreSQL text refuses it; SQLite would keep it)."""
     if isinstance(value, str):
@@ -200,26 +226,7 @@ class Ingest:
         _check_schema("event", data)
         if data["device"] != device:
             raise Rejected(f"event of {data['device']} published on {device}'s topic")
-        cur = self.conn.execute(
-            "INSERT INTO events(id, school, device, journal, seq, ts, day, kind, person, role, method, late, payload,"
-            " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
-            [
-                data["id"],
-                school,
-                device,
-                data["journal"],
-                data["seq"],
-                data["ts"],
-                data["ts"][:10],
-                data["kind"],
-                data.get("person"),
-                data.get("role"),
-                data["method"],
-                None if data.get("late") is None else int(data["late"]),
-                json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True),
-                _now(),
-            ],
-        )
+        cur = self.conn.execute(INSERT_EVENT, event_row(school, device, data, _now()))
         if cur.rowcount == 0:
             self.stats.duplicates += 1
             return set()
