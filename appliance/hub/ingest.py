@@ -175,14 +175,23 @@ class Ingest:
                 self.store_batch([message])
 
     def _store(self, batch: list[Incoming]) -> None:
-        touched: set[tuple[str, str, str]] = set()
+        highest: dict[tuple[str, str, str], int] = {}  # per (device, journal, school): the batch's top seq
         with self.conn.transaction():
             for message in batch:
                 try:
-                    touched |= self._store_one(message)
+                    for stream, seq in self._store_one(message):
+                        highest[stream] = max(seq, highest.get(stream, 0))
                 except Rejected as exc:
                     self._record_rejection(message, str(exc))
-            for device, journal, school in touched:
+            for (device, journal, school), seq in highest.items():
+                # One upsert per gate and batch, not per event (a round trip each on PostgreSQL).
+                self.conn.execute(
+                    "INSERT INTO streams(device, journal, school, contiguous, highest, updated_at) "
+                    "VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT(device, journal) DO UPDATE SET highest = CASE WHEN "
+                    "excluded.highest > streams.highest THEN excluded.highest ELSE streams.highest END, "
+                    "updated_at = excluded.updated_at",
+                    [device, journal, school, seq, _now()],
+                )
                 self._advance(device, journal, school)
         self.stats.batches += 1
         for message in batch:
@@ -202,7 +211,7 @@ class Ingest:
             self._record_rejection(message, f"cannot be stored: {type(exc).__name__}")
         message.ack()
 
-    def _store_one(self, message: Incoming) -> set[tuple[str, str, str]]:
+    def _store_one(self, message: Incoming) -> list[tuple[tuple[str, str, str], int]]:
         where = parse_topic(message.topic, self.prefix)
         if where is None:
             raise Rejected("not a gate topic")
@@ -218,29 +227,23 @@ class Ingest:
         if kind == "status":
             _check_schema("status", data)
             self._status(school, device, data)
-            return set()
+            return []
         if kind == "result":
             _check_schema("result", data)
             self._result(device, data)
-            return set()
+            return []
         _check_schema("event", data)
         if data["device"] != device:
             raise Rejected(f"event of {data['device']} published on {device}'s topic")
         cur = self.conn.execute(INSERT_EVENT, event_row(school, device, data, _now()))
         if cur.rowcount == 0:
             self.stats.duplicates += 1
-            return set()
+            return []
         self.stats.stored += 1
         self.stats.by_device[device] = self.stats.by_device.get(device, 0) + 1
-        self.conn.execute(
-            "INSERT INTO streams(device, journal, school, contiguous, highest, updated_at) VALUES (?, ?, ?, 0, ?, ?) "
-            "ON CONFLICT(device, journal) DO UPDATE SET highest = CASE WHEN excluded.highest > streams.highest "
-            "THEN excluded.highest ELSE streams.highest END, updated_at = excluded.updated_at",
-            [device, data["journal"], school, data["seq"], _now()],
-        )
         for hook in self.hooks:
             hook(self.conn, school, data)
-        return {(device, data["journal"], school)}
+        return [((device, data["journal"], school), data["seq"])]
 
     def _advance(self, device: str, journal: str, school: str) -> None:
         """Move ``contiguous`` over every seq now present; note when a gap opened or closed."""
