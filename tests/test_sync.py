@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon_harness import DaemonProcess, send_taps, write_config
-from mqtt_broker import BROKER_USERS, Broker, MqttPeer, Pki, Subscriber, TcpProxy
+from mqtt_broker import BROKER_USERS, Broker, MqttPeer, Pki, Received, Subscriber, TcpProxy
 from sync_support import BASE, DEVICE, SCHOOL, WINDOW
 
 from appliance.events import event_schema
@@ -46,7 +46,19 @@ def seqs_of(hub: Subscriber) -> list[int]:
 
 
 def wait_all(hub: Subscriber, count: int, timeout: float) -> list[int]:
-    hub.wait_for(lambda _: len(set(seqs_of(hub))) >= count, timeout)
+    """Wait until ``count`` distinct seqs arrived; each message is parsed once, not on every look."""
+    seen: set[int] = set()
+    looked = 0
+
+    def ready(messages: list[Received]) -> bool:
+        nonlocal looked
+        for message in messages[looked:]:
+            if message.topic.endswith("/events"):
+                seen.add(json.loads(message.payload)["seq"])
+        looked = len(messages)
+        return len(seen) >= count
+
+    hub.wait_for(ready, timeout)
     return seqs_of(hub)
 
 
