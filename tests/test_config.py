@@ -167,3 +167,23 @@ def test_config_check_points_a_hub_file_to_hub_check() -> None:
     )
     assert result.returncode == 1
     assert "edugate hub check" in result.stderr
+
+
+def test_hub_check_warns_of_names_a_gate_could_guess(tmp_path: Path) -> None:
+    """The example's shared_group and derived client id are public; hub check says so, and stops
+    saying so once both are names only the hub servers know."""
+
+    def check(mqtt: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "hub.toml"
+        path.write_text(f'[hub]\nid = "hub-1"\n[mqtt]\ntls = false\n{mqtt}\n', encoding="utf-8")
+        command = [sys.executable, "-m", "appliance.cli", "hub", "check", str(path)]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    guessable = check("")
+    assert guessable.returncode == 0 and "OK" in guessable.stdout
+    warnings = guessable.stderr.splitlines()
+    assert len(warnings) == 2
+    assert 'mqtt.shared_group is the default "hub"' in warnings[0]
+    assert "mqtt.client_id is not set" in warnings[1]
+    secret = check('shared_group = "hub-3f9c41d27a0be865"\nclient_id = "edugate-hub-b41e07c9d2a3f516"')
+    assert secret.returncode == 0 and secret.stderr == ""

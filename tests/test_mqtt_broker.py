@@ -38,7 +38,7 @@ from mqtt_broker import (
 )
 from paho.mqtt.reasoncodes import ReasonCode
 
-from appliance.config import parse_config
+from appliance.config import parse_config, parse_hub_config
 
 REPO = Path(__file__).resolve().parent.parent
 PROVISION = REPO / "scripts" / "provision-gate"
@@ -214,6 +214,24 @@ def test_a_gate_cannot_take_over_the_hubs_session(broker: Broker, subscriber_fac
     hub = subscriber_factory(client_id="hub-1", persistent=True)
     settle(0.5)
     assert len(hub.messages("events")) == 5
+
+
+def test_a_gate_that_cannot_guess_the_hubs_names_takes_nothing(
+    broker: Broker, subscriber_factory: SubscriberFactory
+) -> None:
+    """What closes the two doors above: a share group and client id only the hub servers know."""
+    secret_group, secret_id = "hub-3f9c41d27a0be865", "edugate-hub-b41e07c9d2a3f516"
+    hub = subscriber_factory((f"$share/{secret_group}/edugate/+/+/events",), client_id=secret_id, persistent=True)
+    guesser = gate(broker, "gate-02", client_id="edugate-hub-1", persistent=True)
+    for guess in (HUB_TOPICS[0], "$share/hub-1/edugate/+/+/events", "$share/edugate/edugate/+/+/events"):
+        guesser.subscribe(guess)
+    gate01 = gate(broker)
+    for seq in range(10):
+        gate01.publish(EVENTS_1, str(seq).encode())
+    hub.wait_for(lambda messages: len(messages) >= 10, 5)
+    settle(0.5)
+    assert [m.payload for m in hub.messages("events")] == [str(seq).encode() for seq in range(10)]
+    assert not guesser.messages()
 
 
 # --------------------------------------------------------------------------------------------------- logins and TLS
@@ -480,12 +498,28 @@ def test_provisioned_gate_connects_with_its_generated_files(broker_factory: Brok
     hub_out = tmp_path / "hub"
     _run(PROVISION, "--hub", "--out", hub_out, "--passwd-file", passwd, "--ca", ca_dir / "ca.pem")
     assert not (hub_out / "sync.toml").exists()
+    # The hub's [mqtt] snippet is valid and names its share group and client id at random.
+    hub_mqtt = parse_hub_config({"mqtt": tomllib.loads((hub_out / "mqtt.toml").read_text())["mqtt"]}).mqtt
+    assert hub_mqtt.guessable_names() == []
+    assert (hub_mqtt.username, hub_mqtt.password_file) == ("hub", Path("/etc/edugate/mqtt/mqtt.password"))
+    again_out = tmp_path / "hub-again"
+    _run(PROVISION, "--hub", "--force", "--out", again_out, "--passwd-file", passwd, "--ca", ca_dir / "ca.pem")
+    hub_again = tomllib.loads((again_out / "mqtt.toml").read_text())["mqtt"]
+    assert hub_again["shared_group"] != hub_mqtt.shared_group and hub_again["client_id"] != hub_mqtt.client_id
+    assert (again_out / "mqtt.toml").stat().st_mode & 0o777 == 0o600
+    hub_out = again_out
 
     files = PkiFiles(ca=ca_dir / "ca.pem", server_cert=ca_dir / "server.pem", server_key=ca_dir / "server.key")
     broker = broker_factory(users={}, pki=files, start=False)
     broker.use_password_file(passwd)
     broker.start()
-    hub = Subscriber(broker, password=(hub_out / "mqtt.password").read_text(), ca=hub_out / "ca.pem")
+    hub = Subscriber(
+        broker,
+        (f"$share/{hub_again['shared_group']}/edugate/+/+/events",),
+        password=(hub_out / "mqtt.password").read_text(),
+        ca=hub_out / "ca.pem",
+        client_id=hub_again["client_id"],
+    )
     gate05 = MqttPeer(broker, "gate-05", password, ca=out / "ca.pem")
     gate05.connect()
     assert gate05.publish("edugate/thcs-a/gate-05/events", b"hello").value == 0

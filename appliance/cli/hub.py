@@ -44,6 +44,8 @@ def check(file: Path) -> None:
     """Validate a hub.toml without starting anything."""
     config = load_hub_config(file)
     click.echo(f"{file}: OK (hub {config.hub.id}, database {config.database.url.split('@')[-1]})")
+    for reason in config.mqtt.guessable_names():
+        click.echo(f"{file}: warning: {reason}", err=True)
 
 
 from appliance.cli.hub_attendance import absent, leave, report  # noqa: E402  (they use hub_config_option)

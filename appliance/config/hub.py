@@ -57,12 +57,37 @@ class DatabaseConfig(Section):
         return value
 
 
+DEFAULT_SHARED_GROUP = "hub"
+
+
 class HubMqttConfig(MqttLink):
     username: str | None = Field("hub", description="broker user name of the hub")
     shared_group: str = Field(
-        "hub", pattern=NAME_PATTERN, description="MQTT 5 shared-subscription group: hub instances share the events"
+        DEFAULT_SHARED_GROUP,
+        pattern=NAME_PATTERN,
+        description="MQTT 5 shared-subscription group: hub instances share the events (keep it secret)",
     )
     keepalive: int = Field(30, ge=2, le=3600)
+
+    def guessable_names(self) -> list[str]:
+        """Why the hub's names are ones a gate could guess, if they are.
+
+        Mosquitto's acl_file cannot stop a gate from joining a $share group or connecting with another
+        client's id; either makes the broker hand events meant for the hub to the gate, which may not
+        read them, so they are dropped. Names that only the hub servers know close both doors.
+        """
+        reasons = []
+        if self.shared_group == DEFAULT_SHARED_GROUP:
+            reasons.append(
+                f'mqtt.shared_group is the default "{DEFAULT_SHARED_GROUP}": a gate that joins that group takes '
+                "a share of the events; use the random name `scripts/provision-gate --hub` prints"
+            )
+        if self.client_id is None:
+            reasons.append(
+                "mqtt.client_id is not set (so it is edugate-<hub.id>): a gate that connects with it ends the "
+                "hub's session; use the random one `scripts/provision-gate --hub` prints"
+            )
+        return reasons
 
 
 class SigningConfig(Section):

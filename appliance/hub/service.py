@@ -119,6 +119,8 @@ class HubService:
             self.config.mqtt.host,
             self.config.mqtt.port,
         )
+        for reason in self.config.mqtt.guessable_names():
+            log.warning("hub: %s", reason)
         self.notifier.notify("READY=1")
         try:
             while not self._stop.wait(RESYNC_EVERY):
