@@ -12,7 +12,6 @@ card presence) is reported separately.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from appliance.bench.daemon_process import daemon_command, end, wait_settled
 from appliance.readers.virtual import PrivatePcscd
 from appliance.status import status_path
 
@@ -57,35 +57,15 @@ def _gate_toml(journal: Path, pcscd: PrivatePcscd) -> str:
     )
 
 
+def _lanes_bound(journal: Path) -> bool:
+    readers = json.loads(status_path(journal).read_text()).get("readers", [])
+    return len(readers) == 2 and all(r["state"] == "ok" for r in readers)
+
+
 def _wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], journal: Path, log: Path) -> None:
     """READY=1 over sd_notify, then a status file showing both lanes bound (so the readers are idle, not starting)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    ready = False
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"edugate run exited with {proc.returncode}; log: {log.read_text()[-2000:]}")
-        if not ready:
-            notify.settimeout(0.2)
-            with contextlib.suppress(TimeoutError):
-                ready = b"READY=1" in notify.recv(4096).split(b"\n")
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            readers = json.loads(status_path(journal).read_text()).get("readers", [])
-            if len(readers) == 2 and all(r["state"] == "ok" for r in readers):
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"edugate run was not ready with both lanes within {READY_TIMEOUT:.0f}s; see {log}")
-
-
-def _end(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    if not wait_settled(proc, notify, log, READY_TIMEOUT, lambda: _lanes_bound(journal), pause=0.1):
+        raise RuntimeError(f"edugate run was not ready with both lanes within {READY_TIMEOUT:.0f}s; see {log}")
 
 
 def run(seconds: float, port: int) -> None:
@@ -121,7 +101,7 @@ def run(seconds: float, port: int) -> None:
         env.pop("WATCHDOG_PID", None)
         with log.open("wb") as out:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "appliance.cli", "run", "--config", str(config)],
+                daemon_command(config),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -154,8 +134,8 @@ def run(seconds: float, port: int) -> None:
             flush=True,
         )
     finally:
-        _end(daemon)
-        _end(baseline, signal.SIGKILL)
+        end(daemon)
+        end(baseline, signal.SIGKILL)
         notify.close()
         pcscd.stop()
         shutil.rmtree(workdir, ignore_errors=True)

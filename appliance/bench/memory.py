@@ -15,7 +15,6 @@ face pipeline pays). ``within_limit`` is judged on VmHWM, the peak, since "stays
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from appliance.bench.daemon_process import daemon_command, end, wait_settled
 from appliance.bench.stats import emit, machine_info, progress
 from appliance.status import status_path
 
@@ -157,37 +157,21 @@ def _wait_for_daemon(
     proc: subprocess.Popen[bytes], notify: socket.socket, journal: Path, log: Path, people: int
 ) -> dict[str, Any]:
     """READY=1, then a status file showing faces working with a face embedded, and the gallery in the log."""
-    deadline = time.monotonic() + READY_TIMEOUT
     loaded = re.compile(rf"face gallery loaded: {people} people\b")
-    ready = False
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise MemoryBenchError(f"edugate run exited with {proc.returncode}; log: {log.read_text()[-2000:]}")
-        if not ready:
-            notify.settimeout(0.2)
-            with contextlib.suppress(TimeoutError):
-                ready = b"READY=1" in notify.recv(4096).split(b"\n")
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            vision = json.loads(status_path(journal).read_text()).get("vision") or {}
-            stats = vision.get("stats") or {}
-            if vision.get("state") == "ok" and stats.get("embeddings", 0) >= 1 and loaded.search(log.read_text()):
-                return vision
-        time.sleep(0.2)
-    raise MemoryBenchError(
-        f"edugate run did not load {people} people and embed a face within {READY_TIMEOUT:.0f}s; see {log}"
-    )
 
+    def embedding() -> dict[str, Any] | None:
+        vision: dict[str, Any] = json.loads(status_path(journal).read_text()).get("vision") or {}
+        stats = vision.get("stats") or {}
+        if vision.get("state") == "ok" and stats.get("embeddings", 0) >= 1 and loaded.search(log.read_text()):
+            return vision
+        return None
 
-def _end(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    vision = wait_settled(proc, notify, log, READY_TIMEOUT, embedding, pause=0.2, error=MemoryBenchError)
+    if vision is None:
+        raise MemoryBenchError(
+            f"edugate run did not load {people} people and embed a face within {READY_TIMEOUT:.0f}s; see {log}"
+        )
+    return vision
 
 
 def measure_daemon(
@@ -221,7 +205,7 @@ def measure_daemon(
         with log.open("wb") as out:
             started = time.monotonic()
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "appliance.cli", "run", "--config", str(config)],
+                daemon_command(config),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -242,7 +226,7 @@ def measure_daemon(
             "pipeline": final.get("stats"),
         }
     finally:
-        _end(daemon)
+        end(daemon)
         notify.close()
 
 
@@ -256,7 +240,7 @@ def measure_bare(seconds: float) -> dict[str, Any]:
             raise MemoryBenchError(f"`python -c '{BARE_IMPORTS}'` failed (exit {proc.wait()})")
         return watch("bare imports", proc, min(seconds, 2.0)).fields()
     finally:
-        _end(proc, signal.SIGKILL)
+        end(proc, signal.SIGKILL)
 
 
 def prepare(faces_dir: Path, vision: VisionConfig, path: Path) -> tuple[str, int]:
