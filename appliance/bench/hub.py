@@ -42,15 +42,11 @@ from types import FrameType
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+from appliance.bench.errors import BenchError
+from appliance.bench.gate_events import realistic_drafts
+from appliance.bench.lane_daemon import DaemonRun, daemon_toml
+from appliance.bench.mqtt_broker import BROKER_SETTINGS, BenchBroker, mosquitto_missing
 from appliance.bench.stats import emit, machine_info, progress, summary
-from appliance.bench.sync import (
-    BROKER_SETTINGS,
-    BenchBroker,
-    BenchError,
-    daemon_toml,
-    mosquitto_missing,
-    realistic_drafts,
-)
 from appliance.events import Event
 from appliance.hub.ingest import event_row
 
@@ -582,7 +578,6 @@ def _connect_lane(path: Path, timeout: float = 10.0) -> Any:
 
 def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, taps: int) -> dict[str, Any]:
     """Tap written to a real gate daemon's lane -> the parents' webhook request, with the hub online."""
-    from appliance.bench.sync import DaemonRun
     from appliance.hub.ingest import IngestWorker
     from appliance.hub.notify import event_hook, outbox_worker
     from appliance.hub.store import Store
@@ -618,9 +613,7 @@ def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, t
     journal, lane_path = workdir / "journal.db", workdir / "lane.sock"
     enroll_gate(journal, people)
     gate = workdir / "gate.toml"
-    gate.write_text(
-        daemon_toml(journal, lane_path, broker, None, password, show_names=False, device=LIVE_DEVICE, school=SCHOOL)
-    )
+    gate.write_text(daemon_toml(journal, lane_path, broker, password, LIVE_DEVICE, school=SCHOOL, show_names=False))
     progress(f"bench hub: latency: edugate run + hub with notify, {taps} taps of distinct students")
     worker.start()
     transport.start()

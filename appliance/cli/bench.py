@@ -345,7 +345,7 @@ def bench_memory(
 def bench_sync(events: int, taps: int, tls: bool, window: int | None) -> None:
     """Drain of a journal backlog to a private Mosquitto through the gate's SyncService vs a bare paho-mqtt
     QoS 1 publisher, then tap -> hub latency through a real `edugate run` (needs mosquitto)."""
-    from appliance.bench.sync import BenchError
+    from appliance.bench.errors import BenchError
     from appliance.bench.sync import run as run_sync
     from appliance.config import SyncConfig
 
@@ -379,8 +379,8 @@ def bench_sync(events: int, taps: int, tls: bool, window: int | None) -> None:
 def bench_hub(events: int, gates: int, taps: int, postgres: str | None, workdir: Path | None) -> None:
     """Hub ingest of a backlog waiting in a private Mosquitto (events/s into SQLite, and PostgreSQL with
     --postgres) vs bare executemany inserts, then tap -> parent webhook latency (needs mosquitto)."""
+    from appliance.bench.errors import BenchError
     from appliance.bench.hub import run as run_hub
-    from appliance.bench.sync import BenchError
 
     try:
         run_hub(events, gates, taps, postgres, workdir)
