@@ -29,7 +29,6 @@ import json
 import random
 import secrets
 import shutil
-import signal
 import sqlite3
 import tempfile
 import threading
@@ -38,32 +37,38 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from appliance.bench.errors import BenchError
 from appliance.bench.gate_events import realistic_drafts
-from appliance.bench.lane_daemon import DaemonRun, daemon_toml
-from appliance.bench.mqtt_broker import BROKER_SETTINGS, BenchBroker, mosquitto_missing
+from appliance.bench.lane_daemon import DaemonRun, connect_lane, daemon_toml, enroll
+from appliance.bench.mqtt_broker import (
+    BROKER_SETTINGS,
+    HUB_USER,
+    SCHOOL,
+    BenchBroker,
+    events_topic,
+    mosquitto_missing,
+)
+from appliance.bench.sigterm import sigterm_interrupts
 from appliance.bench.stats import emit, machine_info, progress, summary
+from appliance.bench.waiting import wait_progress
 from appliance.events import Event
 from appliance.hub.ingest import event_row
 
 TARGET_INGEST_PER_S = 2000
 TARGET_LATENCY_P95_MS = 5000
 
-SCHOOL = "bench-school"
-PREFIX = "edugate"
-HUB_USER = "hub"
 HUB_ID = "bench-hub"
 BASELINE_BATCH = 500
 PUBLISH_CHUNK = 20_000  # messages a gate publishes before waiting for their PUBACKs (paho's ids are 16-bit)
 STALL_SECONDS = 60.0  # no progress for this long means something is broken, not slow
+POLL_SECONDS = 0.005  # progress polling of in-process counters
+COUNT_POLL_SECONDS = 0.05  # progress polling of the events table: a query, so less often
 NO_MATCHING_SUBSCRIBERS = 0x10
 LIVE_DEVICE = "bench-lane"
 TAP_GAP = (0.1, 0.3)  # seconds between two students at the gate
-READY_TIMEOUT = 60.0
 
 
 def gate_name(index: int) -> str:
@@ -97,10 +102,6 @@ def backlog(count: int, gates: int, seed: int = 5) -> dict[str, list[bytes]]:
         event = Event(uuid.uuid4().hex, device, journals[device], len(out[device]) + 1, draft)
         out[device].append(event.to_json().encode("utf-8"))
     return out
-
-
-def events_topic(device: str) -> str:
-    return f"{PREFIX}/{SCHOOL}/{device}/events"
 
 
 def _publish_gate(broker: BenchBroker, device: str, password: str, payloads: list[bytes], refused: list[str]) -> None:
@@ -141,7 +142,7 @@ def _publish_gate(broker: BenchBroker, device: str, password: str, payloads: lis
             for payload in payloads[start : start + PUBLISH_CHUNK]:
                 client.publish(topic, payload, qos=1)
             goal = min(start + PUBLISH_CHUNK, len(payloads))
-            if _wait_for(lambda: acked[0], goal) is None:
+            if wait_progress(lambda: acked[0], goal, STALL_SECONDS, POLL_SECONDS) is None:
                 raise BenchError(f"{device}: stuck at {acked[0]}/{goal} PUBACKs: {broker.log_tail()}")
     finally:
         client.disconnect()
@@ -177,21 +178,6 @@ def publish_backlog(broker: BenchBroker, passwords: dict[str, str], events: dict
 def _count(conn: Any) -> int:
     row = conn.one("SELECT COUNT(*) FROM events")
     return int(row[0]) if row else 0
-
-
-def _wait_for(done: Callable[[], int], total: int, poll: float = 0.005) -> float | None:
-    """Poll ``done()`` until it reaches ``total``: time.monotonic() then, or None after a stall."""
-    last, last_change = -1, time.monotonic()
-    while True:
-        now_done = done()
-        now = time.monotonic()
-        if now_done >= total:
-            return now
-        if now_done != last:
-            last, last_change = now_done, now
-        elif now - last_change > STALL_SECONDS:
-            return None
-        time.sleep(poll)
 
 
 # --------------------------------------------------------------------------------------------------- the hub
@@ -286,9 +272,9 @@ def run_ingest(config: Any, total: int, label: str) -> dict[str, Any]:
         assert worker.ingest is not None
         stats = worker.ingest.stats
         # Acknowledged means committed; the table is the judge (a redelivered message is acknowledged too).
-        done = _wait_for(lambda: acked[0], total)
+        done = wait_progress(lambda: acked[0], total, STALL_SECONDS, POLL_SECONDS)
         if done is not None:
-            done = _wait_for(lambda: _count(counter), total, poll=0.05)
+            done = wait_progress(lambda: _count(counter), total, STALL_SECONDS, COUNT_POLL_SECONDS)
         seconds = done - began if done is not None else None
     finally:
         transport.stop()
@@ -520,17 +506,6 @@ def students(taps: int) -> list[Any]:
     ]
 
 
-def enroll_gate(journal: Path, people: list[Any]) -> None:
-    from appliance.journal import open_database
-    from appliance.journal.roster_store import RosterStore
-
-    database = open_database(journal, writer=True)
-    try:
-        RosterStore(database).apply(people, replace=True)
-    finally:
-        database.close()
-
-
 def enroll_hub(store: Any, people: list[Any]) -> None:
     """The hub's people table, as a roster import leaves it: the children and their parents' phones."""
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -558,22 +533,6 @@ def enroll_hub(store: Any, people: list[Any]) -> None:
             )
     finally:
         conn.close()
-
-
-def _connect_lane(path: Path, timeout: float = 10.0) -> Any:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while True:
-        lane = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            lane.connect(str(path))
-            return lane
-        except (FileNotFoundError, ConnectionRefusedError):
-            lane.close()
-            if time.monotonic() > deadline:
-                raise BenchError(f"the daemon's socket lane {path} never accepted a connection") from None
-            time.sleep(0.05)
 
 
 def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, taps: int) -> dict[str, Any]:
@@ -611,7 +570,7 @@ def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, t
     password.write_text(passwords[LIVE_DEVICE] + "\n")
     password.chmod(0o600)
     journal, lane_path = workdir / "journal.db", workdir / "lane.sock"
-    enroll_gate(journal, people)
+    enroll(journal, people)
     gate = workdir / "gate.toml"
     gate.write_text(daemon_toml(journal, lane_path, broker, password, LIVE_DEVICE, school=SCHOOL, show_names=False))
     progress(f"bench hub: latency: edugate run + hub with notify, {taps} taps of distinct students")
@@ -626,13 +585,13 @@ def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, t
             raise BenchError(f"the hub could not connect to the bench broker: {transport.link.last_error}")
         daemon = DaemonRun(gate, workdir)
         daemon.wait_ready()
-        lane = _connect_lane(lane_path)
+        lane = connect_lane(lane_path)
         rng = random.Random(17)
         for index in range(taps):
             time.sleep(rng.uniform(*TAP_GAP))
             written[student_id(index)] = time.monotonic()
             lane.sendall(f"{tap_uid(index)}\n".encode())
-        _wait_for(lambda: len(sink.arrivals), taps)
+        wait_progress(lambda: len(sink.arrivals), taps, STALL_SECONDS, POLL_SECONDS)
         time.sleep(1.0)  # a second delivery of any message would show up here
     finally:
         if lane is not None:
@@ -680,64 +639,59 @@ def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, t
 # --------------------------------------------------------------------------------------------------- run
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def run(events: int, gates: int, taps: int, postgres: str | None, workdir: Path | None) -> None:
     """Every phase against a private broker; JSON lines on stdout; everything started here is stopped."""
     why = mosquitto_missing()
     if why:
         raise BenchError(why)
     base = Path(tempfile.mkdtemp(prefix="edugate-bench-hub-", dir=workdir))
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     broker: BenchBroker | None = None
     schemas = PgSchemas(postgres) if postgres else None
     try:
-        devices = [gate_name(i) for i in range(gates)]
-        passwords = {user: secrets.token_urlsafe(18) for user in (HUB_USER, LIVE_DEVICE, *devices)}
-        broker = QueueBroker(base / "broker", passwords, events + 10_000)
-        broker.start()
-        emit(
-            bench="hub",
-            measure="setup",
-            events=events,
-            gates=gates,
-            taps=taps,
-            postgres=postgres is not None,
-            broker=f"mosquitto on {broker.host}:{broker.port}, plaintext",
-            **machine_info(),
-        )
-        targets: list[tuple[str, str]] = [("sqlite", f"sqlite:///{base / 'hub.db'}")]
-        if schemas is not None:
-            targets.append(("postgresql", schemas.new("ingest")))
-        ingests: dict[str, dict[str, Any]] = {}
-        baselines: dict[str, dict[str, Any]] = {}
-        config = hub_config(broker, base, targets[0][1])
-        open_session(config)
-        for label, url in targets:
-            progress(f"bench hub: {len(devices)} gates publish {events} events while the hub is away")
-            waiting = backlog(events, gates, seed=len(ingests) + 5)
-            publish_s = publish_backlog(broker, passwords, waiting)
+        with sigterm_interrupts():
+            devices = [gate_name(i) for i in range(gates)]
+            passwords = {user: secrets.token_urlsafe(18) for user in (HUB_USER, LIVE_DEVICE, *devices)}
+            broker = QueueBroker(base / "broker", passwords, events + 10_000)
+            broker.start()
             emit(
                 bench="hub",
-                measure="publish",
-                database=label,
+                measure="setup",
                 events=events,
-                seconds=round(publish_s, 3),
-                events_per_s=round(events / publish_s, 1),
+                gates=gates,
+                taps=taps,
+                postgres=postgres is not None,
+                broker=f"mosquitto on {broker.host}:{broker.port}, plaintext",
+                **machine_info(),
             )
-            ingests[label] = run_ingest(hub_config(broker, base, url), events, label)
-            rows = event_rows(waiting)
-            if label == "sqlite":
-                baselines[label] = baseline_sqlite(rows, base / "baseline.db")
-            else:
-                assert schemas is not None
-                baselines[label] = baseline_postgres(rows, schemas.new("baseline"))
-        latency = run_latency(broker, passwords, base / "live", taps)
-        _summary(events, ingests, baselines, latency)
+            targets: list[tuple[str, str]] = [("sqlite", f"sqlite:///{base / 'hub.db'}")]
+            if schemas is not None:
+                targets.append(("postgresql", schemas.new("ingest")))
+            ingests: dict[str, dict[str, Any]] = {}
+            baselines: dict[str, dict[str, Any]] = {}
+            config = hub_config(broker, base, targets[0][1])
+            open_session(config)
+            for label, url in targets:
+                progress(f"bench hub: {len(devices)} gates publish {events} events while the hub is away")
+                waiting = backlog(events, gates, seed=len(ingests) + 5)
+                publish_s = publish_backlog(broker, passwords, waiting)
+                emit(
+                    bench="hub",
+                    measure="publish",
+                    database=label,
+                    events=events,
+                    seconds=round(publish_s, 3),
+                    events_per_s=round(events / publish_s, 1),
+                )
+                ingests[label] = run_ingest(hub_config(broker, base, url), events, label)
+                rows = event_rows(waiting)
+                if label == "sqlite":
+                    baselines[label] = baseline_sqlite(rows, base / "baseline.db")
+                else:
+                    assert schemas is not None
+                    baselines[label] = baseline_postgres(rows, schemas.new("baseline"))
+            latency = run_latency(broker, passwords, base / "live", taps)
+            _summary(events, ingests, baselines, latency)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if schemas is not None:
             schemas.drop()
         if broker is not None:
