@@ -24,6 +24,14 @@ def daemon_command(config: Path) -> list[str]:
     return [sys.executable, "-m", "appliance.cli", "run", "--config", str(config)]
 
 
+def start_daemon(config: Path, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    """The daemon with its stdout and stderr together in ``log``, which the errors quote when it fails."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            daemon_command(config), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd
+        )
+
+
 def notify_ready(notify: socket.socket, wait: float = 0.2) -> bool:
     """One look at the notify socket: whether the daemon said READY=1 within ``wait`` seconds."""
     notify.settimeout(wait)

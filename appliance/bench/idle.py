@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from appliance.bench.daemon_process import daemon_command, end, wait_settled
+from appliance.bench.daemon_process import end, start_daemon, wait_settled
 from appliance.readers.virtual import PrivatePcscd
 from appliance.status import status_path
 
@@ -99,15 +99,7 @@ def run(seconds: float, port: int) -> None:
             "PYTHONUNBUFFERED": "1",
         }
         env.pop("WATCHDOG_PID", None)
-        with log.open("wb") as out:
-            daemon = subprocess.Popen(
-                daemon_command(config),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=workdir,
-            )
+        daemon = start_daemon(config, env, workdir, log)
         _wait_ready(notify, daemon, journal, log)
         pids = {"daemon": daemon.pid, "baseline": baseline.pid, "pcscd": _pcscd_pid(pcscd)}
         wall0 = time.monotonic()

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from appliance.bench.daemon_process import daemon_command, end, wait_settled
+from appliance.bench.daemon_process import end, start_daemon, wait_settled
 from appliance.bench.stats import emit, machine_info, progress
 from appliance.status import status_path
 
@@ -202,16 +202,8 @@ def measure_daemon(
     env.pop("EDUGATE_CONFIG", None)
     daemon: subprocess.Popen[bytes] | None = None
     try:
-        with log.open("wb") as out:
-            started = time.monotonic()
-            daemon = subprocess.Popen(
-                daemon_command(config),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=home,
-            )
+        started = time.monotonic()
+        daemon = start_daemon(config, env, home, log)
         status = _wait_for_daemon(daemon, notify, journal, log, people)
         ready_s = time.monotonic() - started
         sample = watch(f"edugate run, {people} enrolled", daemon, seconds, log)
