@@ -104,7 +104,6 @@ def test_bench_sync_short_run(tls: str) -> None:
     assert latency["daemon_exit_code"] == 0
     _ordered(latency, "tap_to_hub_ms")
     _ordered(latency, "tap_to_ack_ms")
-    assert latency["tap_to_ack_ms_p50"] <= latency["tap_to_hub_ms_p50"]
 
     (final,) = by_measure[None]
     assert final["events"] == EVENTS and final["missing"] == 0 and final["in_order"] is True
