@@ -1,4 +1,4 @@
-"""The error of the benches that start their own broker and daemons (sync, hub): the CLI prints its message."""
+"""The error of the benches that start their own services (pcscd, broker, daemons): the CLI prints its message."""
 
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ import os
 import queue
 import random
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -30,9 +29,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from appliance.bench.errors import BenchError
+from appliance.bench.sigterm import sigterm_interrupts
 from appliance.bench.stats import emit, machine_info, progress, summary
 from appliance.events import EventDraft
 from appliance.feedback import Ack, Outcome
@@ -46,10 +46,6 @@ POLL_PERIOD = 0.4  # pcscd's presence polling of a vpcd slot
 BASELINE_READS = 200
 GET_UID_APDU = [0xFF, 0xCA, 0x00, 0x00, 0x00]
 LANES = ("lane0", "lane1")
-
-
-class BenchError(RuntimeError):
-    """The bench could not run (no pcscd, port taken, reader never came up)."""
 
 
 @dataclass
@@ -320,10 +316,6 @@ class Lane:
             return
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def _wait_readers_ready(gate: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -363,11 +355,10 @@ def run(taps: int, port: int) -> None:
     pcscd = PrivatePcscd(port, workdir=workdir / "pcscd")
     # Before anything in this process talks PC/SC: libpcsclite reads this once.
     os.environ["PCSCLITE_CSOCK_NAME"] = str(pcscd.socket_path)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        _run(taps, pcscd, workdir)
+        with sigterm_interrupts():
+            _run(taps, pcscd, workdir)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         pcscd.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -42,9 +42,13 @@ def bench_journal(count: int, workdir: Path | None) -> None:
 )
 def bench_tap(taps: int, port: int) -> None:
     """Tap -> committed event -> feedback through a real pcscd and virtual reader (needs root, pcscd, vpcd)."""
+    from appliance.bench.errors import BenchError
     from appliance.bench.tap import run as run_tap
 
-    run_tap(taps, port)
+    try:
+        run_tap(taps, port)
+    except BenchError as exc:
+        fail(str(exc))
 
 
 @bench.command("idle")
