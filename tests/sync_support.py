@@ -37,6 +37,7 @@ class Gate:
         self.journal = tmp_path / "journal.db"
         self.lane = tmp_path / "lane.sock"
         self.hub_key = hub_key or Ed25519PrivateKey.generate()
+        self.face_key = tmp_path / "templates.key"  # seals templates in the journal; its X25519 twin in transit
         password = tmp_path / "mqtt.password"
         password.write_text(sync.pop("password", BROKER_USERS[DEVICE]) + "\n")
         password.chmod(0o600)
@@ -61,6 +62,7 @@ class Gate:
             self.journal,
             [{"name": "lane", "type": "socket", "path": str(self.lane)}],
             sync=settings,
+            vision={"key_file": str(self.face_key)},
         )
         self.config.write_text(self.config.read_text().replace('id = "gate-test"', f'id = "{DEVICE}"'))
         self.config.write_text(self.config.read_text().replace('school = "test-school"', f'school = "{SCHOOL}"'))

@@ -24,6 +24,7 @@ from appliance.journal.sealing import Sealer
 from appliance.journal.template_store import TemplateStore
 from appliance.sync.downlink import Downlink, Hooks, downlink_schema, new_message, overlay, stream_version
 from appliance.sync.signing import canonical, parse_public_key, public_key_text, sign
+from appliance.sync.template_transport import gate_private_key, public_text, seal, sealed_context
 from appliance.sync.topics import Topics
 
 SCHOOL, DEVICE = "thcs-a", "gate-01"
@@ -218,6 +219,33 @@ def test_templates_are_sealed_and_replace_a_persons_rows(gate: Downlink, hub: Hu
     assert set(store.load("m1")) == {"HS1"}
     assert send(gate, hub.message("templates", {"model": "m1", "remove": ["HS1"]}, version=3))["ok"]
     assert store.load("m1") == {}
+
+
+def test_sealed_templates_open_only_for_this_gate_and_message(gate: Downlink, hub: Hub, tmp_path: Path) -> None:
+    mine = public_text(gate_private_key(tmp_path / "templates.key"))
+    vector = np.random.default_rng(2).standard_normal((1, 128)).astype("<f4")
+    texts = {"HS1": [base64.b64encode(vector.tobytes()).decode()]}
+
+    def sealed(version: int, to: str = mine, plain: Any = texts, bind: int | None = None) -> dict[str, Any]:
+        context = sealed_context(
+            {"school": SCHOOL, "device": DEVICE, "body": {"model": "m1"}, "version": bind or version}
+        )
+        body = {"model": "m1", "sealed": seal(to, json.dumps(plain).encode(), context)}
+        return hub.message("templates", body, version=version)
+
+    store = TemplateStore(gate.database, Sealer.from_file(tmp_path / "templates.key"))
+    other = public_text(gate_private_key(tmp_path / "other.key"))
+    result = send(gate, sealed(1, to=other))
+    assert not result["ok"] and "another template key" in result["reason"]
+    moved = send(gate, sealed(2, bind=1))  # sealed for version 1, sent as version 2
+    assert not moved["ok"] and "do not open" in moved["reason"]
+    bad = send(gate, sealed(3, plain={"HS1": ["not base64!"]}))
+    assert not bad["ok"] and bad["reason"].startswith("sealed templates: body/set/HS1")
+    assert store.load("m1") == {}  # nothing applied by any of them
+    assert send(gate, sealed(4))["ok"]
+    np.testing.assert_array_equal(store.load("m1")["HS1"], vector)
+    both = hub.message("templates", {"model": "m1", "set": texts, "sealed": sealed(5)["body"]["sealed"]}, version=5)
+    assert not send(gate, both)["ok"]
 
 
 def test_config_section_is_validated_applied_and_kept(gate: Downlink, hub: Hub) -> None:

@@ -32,6 +32,14 @@ from appliance.journal.roster_store import RosterStore
 from appliance.journal.sealing import Sealer
 from appliance.journal.template_store import TemplateStore
 from appliance.sync.signing import load_private_key
+from appliance.sync.status import offline_status
+from appliance.sync.template_transport import (
+    TransportSealError,
+    gate_private_key,
+    open_sealed,
+    public_text,
+    sealed_context,
+)
 
 MODEL = "sface-test"
 HEADER = "STT,Mã học sinh,Họ và tên,Lớp,Vai trò,Mã thẻ,SĐT phụ huynh,Email phụ huynh,Trạng thái\n"
@@ -157,11 +165,27 @@ def wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def with_face_key(gate: Any) -> Path:
-    """The gate's vision.key_file in its own folder (templates from the hub are sealed with it)."""
-    key = gate.dir / "templates.key"
-    gate.config.write_text(gate.config.read_text() + f'\n[vision]\nkey_file = "{key}"\n')
-    return key
+def announce_key(broker: Broker, key_file: Path) -> None:
+    """A gate's retained status with its template key, as a gate that was online once leaves it."""
+    peer = MqttPeer(broker, DEVICE, BROKER_USERS[DEVICE])
+    peer.connect()
+    try:
+        status = offline_status(DEVICE, "stopped", public_text(gate_private_key(key_file)))
+        assert peer.publish(f"{BASE}/status", status, retain=True).value in (0, 16)  # 16: nobody listens now
+    finally:
+        peer.close()
+
+
+def retained_templates(broker: Broker) -> dict[str, Any]:
+    """The templates message the broker keeps for the gate (read with the gate's own login)."""
+    reader = MqttPeer(broker, DEVICE, BROKER_USERS[DEVICE])
+    reader.connect()
+    try:
+        reader.subscribe(f"{BASE}/downlink/templates")
+        reader.wait_for(lambda m: len(m) == 1, 10)
+        return dict(json.loads(reader.messages()[0].payload))
+    finally:
+        reader.close()
 
 
 # ------------------------------------------------------------------------------------------------ import
@@ -286,7 +310,7 @@ def test_publish_reaches_a_real_gate_and_only_changes_are_sent_again(
     hub = HubProcess(config).start(wait_for="sync: connected")
     try:
         gate = gate_factory(broker, hub_key=key)
-        face_key = with_face_key(gate)
+        face_key = gate.face_key
         gate.start()
         conn = hub_store.connect()
         try:
@@ -301,6 +325,12 @@ def test_publish_reaches_a_real_gate_and_only_changes_are_sent_again(
             assert "applied by the gate (people_erased 0, templates 8)" in result.stdout
             first = published(conn)
             assert all(digest for _, digest in first.values())
+            # On the broker (and so in mosquitto.db) the templates are ciphertext sealed to this gate's key.
+            kept = retained_templates(broker)
+            assert "set" not in kept["body"] and set(kept["body"]["sealed"]) == {"to", "epk", "nonce", "data"}
+            assert kept["body"]["sealed"]["to"] == public_text(gate_private_key(face_key))
+            clear = base64.b64encode(enrolled["HS001"][0].astype("<f4").tobytes()).decode()
+            assert clear[:40] not in json.dumps(kept)
 
             people = gate_roster(gate.journal)
             assert sorted(people) == sorted(ROWS)
@@ -445,7 +475,7 @@ def test_a_school_sized_templates_message_passes_the_production_broker(
     finally:
         conn.close()
     gate = gate_factory(broker, hub_key=load_private_key(tmp_path / "hub-signing.key"))
-    face_key = with_face_key(gate)
+    face_key = gate.face_key
     gate.start()
     gate.wait(lambda: gate.sync_status().get("state") == "online", 15, "online")
 
@@ -474,6 +504,7 @@ def test_a_broker_limit_below_the_message_is_reported_and_retried(
     try:
         faces = {person: vectors(i, count=30) for i, person in enumerate(ROWS)}  # 120 x ~700 bytes of base64
         import_templates(conn, hub_sealer(load_hub_config(config_path), create=True), SCHOOL, {MODEL: faces})
+        announce_key(small, tmp_path / "gate-templates.key")
         result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
         assert result.exit_code == 1
         assert f"{SCHOOL}/{DEVICE} templates: NOT SENT" in result.stderr and says in result.stderr
@@ -500,3 +531,38 @@ def test_publish_refuses_without_a_roster_or_a_signing_key(hub_store: Store, tmp
     two = hub_toml(tmp_path, hub_store, schools=(SCHOOL, "thcs-b"))
     result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(two))
     assert result.exit_code == 1 and "name the gate's school with --school" in result.stderr
+
+
+def test_templates_wait_for_the_gates_key_and_are_not_sent_in_clear(
+    hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki
+) -> None:
+    """A gate that never said its template key gets the roster but no templates; once its status has the
+    key, the templates go, sealed to it, and open only with that gate's key."""
+    config_path = hub_toml(tmp_path, hub_store, broker, pki)
+    assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
+               SCHOOL, "--config", str(config_path)).exit_code == 0  # fmt: skip
+    conn = hub_store.connect()
+    try:
+        faces = {"HS001": vectors(1)}
+        import_templates(conn, hub_sealer(load_hub_config(config_path), create=True), SCHOOL, {MODEL: faces})
+        result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
+        assert result.exit_code == 1
+        assert "templates: NOT SENT: the gate's template key is unknown" in result.stderr
+        assert "roster: version" in result.stdout
+        assert published(conn).get((DEVICE, "templates"), (0, ""))[1] == ""
+
+        key_file = tmp_path / "gate-templates.key"
+        announce_key(broker, key_file)
+        result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
+        assert result.exit_code == 0, result.output
+        assert "templates: version" in result.stdout
+        message = retained_templates(broker)
+        context = sealed_context(message)
+        opened = json.loads(open_sealed(gate_private_key(key_file), message["body"]["sealed"], context))
+        assert list(opened) == ["HS001"]
+        vector = np.frombuffer(base64.b64decode(opened["HS001"][0]), dtype="<f4")
+        assert np.array_equal(vector, faces["HS001"][0])
+        with pytest.raises(TransportSealError):
+            open_sealed(gate_private_key(tmp_path / "another-gate.key"), message["body"]["sealed"], context)
+    finally:
+        conn.close()

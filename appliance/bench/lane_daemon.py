@@ -60,6 +60,7 @@ def daemon_toml(
         "feedback": {"outputs": ["console"], "show_names": show_names},
         "logging": {"level": "WARNING"},
         "sync": broker.gate_sync(device, password, window),
+        "vision": {"key_file": str(journal.parent / "templates.key")},  # not the machine's /var/lib/edugate
     }
     text = "".join(
         f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items()) + "\n"

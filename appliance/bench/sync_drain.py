@@ -39,6 +39,7 @@ def _gate_config(journal: Path, device: str, broker: BenchBroker, password: Path
             "device": {"id": device, "school": SCHOOL},
             "journal": {"path": str(journal), "min_free_mb": 1},
             "sync": broker.gate_sync(device, password, window),
+            "vision": {"key_file": str(journal.parent / "templates.key")},  # not the machine's /var/lib/edugate
         },
         "<bench sync>",
     )

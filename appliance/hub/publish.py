@@ -4,7 +4,9 @@ For each gate of a school (the ``devices`` table, filled from the gates' status 
 any named on the command line) the hub builds two downlink messages: a ``roster.snapshot`` (people
 with their cards; never parents' phones or e-mails) and a ``templates`` message (every active
 person's templates of one model in ``set``; everyone else on the roster in ``remove``, so a gate
-holds exactly the hub's templates). Each is signed with the hub's Ed25519 key and published at
+holds exactly the hub's templates). The ``set`` travels sealed to the gate's template key, read from
+its retained status (appliance.sync.template_transport), so the broker keeps no face in clear; the
+digest is of the clear content. Each is signed with the hub's Ed25519 key and published at
 QoS 1 with the retain flag on ``{prefix}/{school}/{device}/downlink/{roster|templates}``: a gate
 that is offline, or installed later, gets the latest of each when it (re)connects and subscribes.
 
@@ -46,6 +48,7 @@ from appliance.hub.roster import TemplateKeyError, hub_sealer, hub_templates, ro
 from appliance.hub.store import Connection
 from appliance.sync.downlink import new_message, schema_problem
 from appliance.sync.signing import sign
+from appliance.sync.template_transport import seal, sealed_context
 from appliance.sync.topics import Topics
 from appliance.sync.transport import (
     NO_MATCHING_SUBSCRIBERS,
@@ -59,6 +62,7 @@ log = logging.getLogger(__name__)
 
 STREAMS = ("roster", "templates")
 NO_MODEL = "none"  # the model of a templates message that only erases (nothing in ``set``)
+STATUS_WAIT = 3.0  # seconds for the broker to hand over the gates' retained status messages
 PACKET_OVERHEAD = 64  # fixed header, topic length, packet id and properties of a PUBLISH, besides topic and payload
 
 
@@ -87,6 +91,12 @@ class Item:
     error: str | None = None
     result: dict[str, Any] | None = None
     payload: bytes = field(default=b"", repr=False)
+    body: dict[str, Any] | None = field(default=None, repr=False)  # until signed
+
+    @property
+    def needs_gate_key(self) -> bool:
+        """Templates are sealed to the gate's key; a message that only erases carries none to seal."""
+        return self.stream == "templates" and bool(self.body and self.body.get("set"))
 
     @property
     def delivered(self) -> bool:
@@ -191,10 +201,11 @@ def _record(conn: Connection, item: Item, confirmed: bool) -> None:
         )
 
 
-def build_items(
-    conn: Connection, config: HubConfig, key: Ed25519PrivateKey, plan: SchoolPlan, force: bool
-) -> list[Item]:
-    """Signed messages for every gate and stream whose content changed (all of them with ``force``)."""
+def build_items(conn: Connection, plan: SchoolPlan, force: bool) -> list[Item]:
+    """An item for every gate and stream; pending where the content changed (all of them with ``force``).
+
+    The digest is of the clear content, so sealing (new ciphertext every time) never makes it look changed.
+    """
     items = []
     for device in plan.devices:
         for stream, (body, summary) in plan.bodies.items():
@@ -205,14 +216,37 @@ def build_items(
                 items.append(item)
                 continue
             item.version = next_version(previous[0] if previous else None)
-            kind = "roster.snapshot" if stream == "roster" else "templates"
-            message = sign(key, new_message(kind, plan.school, device, body, version=item.version))
-            item.nonce = message["nonce"]
-            item.payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            item.size = len(item.payload)
+            item.body = body
             item.state = "pending"
             items.append(item)
     return items
+
+
+def sign_items(items: list[Item], key: Ed25519PrivateKey, gate_keys: dict[tuple[str, str], str]) -> None:
+    """Seal templates to each gate's key (from its status), sign, and serialise every pending item."""
+    for item in items:
+        if item.state != "pending" or item.body is None:
+            continue
+        body = item.body
+        kind = "roster.snapshot" if item.stream == "roster" else "templates"
+        message = new_message(kind, item.school, item.device, body, version=item.version)
+        if item.needs_gate_key:
+            recipient = gate_keys.get((item.school, item.device))
+            if recipient is None:
+                item.state = "failed"
+                item.error = (
+                    "the gate's template key is unknown (a gate sends it in its status once it has been online); "
+                    "templates are only sent sealed to it: publish again when the gate has been online"
+                )
+                continue
+            plain = json.dumps(body["set"], separators=(",", ":")).encode("utf-8")
+            sealed = seal(recipient, plain, sealed_context(message))
+            message["body"] = {k: v for k, v in body.items() if k != "set"} | {"sealed": sealed}
+        message = sign(key, message)
+        item.nonce = message["nonce"]
+        item.payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        item.size = len(item.payload)
+        item.body = None
 
 
 class BrokerSession:
@@ -255,6 +289,7 @@ class BrokerSession:
         self._subacks: set[int] = set()
         self.results: dict[str, dict[str, Any]] = {}
         self.wanted: set[str] = set()
+        self.template_keys: dict[tuple[str, str], str] = {}  # (school, gate) -> the gate's public template key
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
         with self._cond:
@@ -282,10 +317,32 @@ class BrokerSession:
             result = json.loads(message.payload)
         except ValueError:
             return
+        if message.topic.endswith("/status"):
+            self._status(message.topic, result)
+            return
         if isinstance(result, dict) and result.get("ref") in self.wanted:
             with self._cond:
                 self.results[result["ref"]] = result
                 self._cond.notify_all()
+
+    def _status(self, topic: str, status: Any) -> None:
+        """A gate's retained status: only that gate's login may write it, so its template key is the gate's."""
+        parts = topic.split("/")
+        if len(parts) < 4 or not isinstance(status, dict) or not isinstance(status.get("template_key"), str):
+            return
+        with self._cond:
+            self.template_keys[(parts[-3], parts[-2])] = status["template_key"]
+            self._cond.notify_all()
+
+    def gate_keys(
+        self, prefix: str, wanted: set[tuple[str, str]], timeout: float = STATUS_WAIT
+    ) -> dict[tuple[str, str], str]:
+        """The template keys of ``wanted`` (school, gate) from their retained status messages."""
+        for school, device in sorted(wanted):
+            self.subscribe(Topics(prefix, school, device).status)
+        self._wait(lambda: wanted <= set(self.template_keys), timeout)
+        with self._cond:
+            return dict(self.template_keys)
 
     def _wait(self, done: Any, timeout: float) -> bool:
         with self._cond:
@@ -427,13 +484,16 @@ def publish(
             report.notes.append(
                 f"{name}: no known gates (a gate is known once the hub has its status; name one with --device)"
             )
-        report.items += build_items(conn, config, key, plan, force)
+        report.items += build_items(conn, plan, force)
     pending = [i for i in report.items if i.state == "pending"]
     if not pending:
         return report
     session = BrokerSession(config)
     session.connect()
     try:
+        sealed_for = {(i.school, i.device) for i in pending if i.needs_gate_key}
+        sign_items(pending, key, session.gate_keys(config.mqtt.topic_prefix, sealed_for) if sealed_for else {})
+        pending = [i for i in pending if i.state == "pending"]
         if wait > 0:
             for name in sorted({i.school for i in pending}):
                 session.subscribe(f"{config.mqtt.topic_prefix}/{name}/+/result")

@@ -36,6 +36,7 @@ from appliance.journal.sealing import Sealer
 from appliance.journal.template_store import TemplateStore
 from appliance.roster.model import Person, Role, normalise_name
 from appliance.sync.signing import SignatureError, verify
+from appliance.sync.template_transport import TransportSealError, gate_private_key, open_sealed, sealed_context
 from appliance.sync.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -388,12 +389,13 @@ class Downlink:
             detail = {"added": report.added, "updated": report.updated, "deactivated": len(report.deactivated)}
             return Outcome(True, detail=detail)
         if kind == "templates":
-            new = {person: _vectors(person, texts) for person, texts in body.get("set", {}).items()}
+            key_file = self.base_config().vision.key_file
             try:
-                key_file = self.base_config().vision.key_file
                 sealer = Sealer.from_file(key_file)
             except Exception as exc:
                 raise Refused(f"cannot open the template key {key_file}: {exc}") from None
+            texts = self._open_templates(message) if "sealed" in body else body.get("set", {})
+            new = {person: _vectors(person, person_texts) for person, person_texts in texts.items()}
             written, erased = TemplateStore(self.database, sealer).replace_many(
                 body["model"], new, body.get("remove", []), in_transaction=record
             )
@@ -403,6 +405,23 @@ class Downlink:
         if kind == "config":
             return self._apply_config(body, record)
         return self._command(body, record)
+
+    def _open_templates(self, message: dict[str, Any]) -> dict[str, list[str]]:
+        """The ``set`` the hub sealed to this gate's key, checked against the schema like a clear one."""
+        body = message["body"]
+        try:
+            private = gate_private_key(self.base_config().vision.key_file)
+            plain = open_sealed(private, body["sealed"], sealed_context(message))
+            texts = json.loads(plain)
+        except TransportSealError as exc:
+            raise Refused(str(exc)) from None
+        except Exception as exc:
+            raise Refused(f"sealed templates: {exc}") from None
+        opened = {**message, "body": {key: value for key, value in body.items() if key != "sealed"} | {"set": texts}}
+        problem = schema_problem(opened)
+        if problem:
+            raise Refused(f"sealed templates: {problem}")
+        return texts
 
     def _apply_config(self, body: dict[str, Any], record: Callable[[sqlite3.Connection], None]) -> Outcome:
         sections = _merge(hub_config_sections(self.conn), body)

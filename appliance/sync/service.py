@@ -17,6 +17,7 @@ from appliance.journal.events import EventJournal, journal_stats
 from appliance.sync.downlink import Downlink, Hooks
 from appliance.sync.signing import SigningKeyError, load_public_key
 from appliance.sync.status import offline_status, online_status
+from appliance.sync.template_transport import gate_private_key, public_text
 from appliance.sync.topics import Topics
 from appliance.sync.transport import MqttTransport
 from appliance.sync.uplink import Uplink
@@ -25,6 +26,15 @@ log = logging.getLogger(__name__)
 
 # What the daemon knows and sync does not: readers' and camera's health, clock state.
 StatusSource = Callable[[], dict[str, Any]]
+
+
+def _template_key(config: GateConfig) -> str | None:
+    """The public key the hub seals this gate's face templates to; without it the hub sends none."""
+    try:
+        return public_text(gate_private_key(config.vision.key_file))
+    except Exception as exc:
+        log.warning("sync: no template key (%s): the hub cannot send face templates to this gate", exc)
+        return None
 
 
 class SyncService:
@@ -43,11 +53,12 @@ class SyncService:
         self.topics = Topics(sync.topic_prefix, config.device.school, config.device.id)
         self.status_source = status_source
         self._stats_db = open_database(config.journal.path, readonly=True)
+        self.template_key = _template_key(config)
         self.transport = MqttTransport(
             sync,
             client_id=sync.client_id or f"edugate-{self.device}",
             username=sync.username or self.device,
-            will=(self.topics.status, offline_status(self.device, "connection lost")),
+            will=(self.topics.status, offline_status(self.device, "connection lost", self.template_key)),
             subscriptions=(self.topics.downlink,),
             manual_ack=True,
         )
@@ -96,7 +107,7 @@ class SyncService:
             self._status_thread.join(5)
         self.uplink.stop()
         self.downlink.stop()
-        self.transport.stop(final=(self.topics.status, offline_status(self.device, "stopped")))
+        self.transport.stop(final=(self.topics.status, offline_status(self.device, "stopped", self.template_key)))
         self._stats_db.close()
         self._downlink_db.close()
 
@@ -135,6 +146,7 @@ class SyncService:
             oldest_unsynced=stats.oldest_unsynced_ts,
             last_seq=stats.last_seq,
             journal=self._stats_db.journal_id,
+            template_key=self.template_key,
         )
 
     def health(self) -> dict[str, Any]:

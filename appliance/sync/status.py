@@ -1,7 +1,8 @@
 """The retained status message a gate keeps on ``{prefix}/{school}/{device}/status``.
 
 The hub and IT see at a glance which gates are online, how far behind they are and what is
-degraded. Nothing personal goes in it: counts and states only.
+degraded. Nothing personal goes in it: counts and states only, and the gate's public key for
+sealed face templates (appliance.sync.template_transport).
 """
 
 from __future__ import annotations
@@ -28,31 +29,47 @@ def online_status(
     oldest_unsynced: str | None,
     last_seq: int,
     journal: str,
+    template_key: str | None = None,
 ) -> bytes:
     age = None
     if oldest_unsynced is not None:
         age = max(0, round((datetime.now(UTC) - datetime.fromisoformat(oldest_unsynced)).total_seconds()))
     return _encode(
-        {
-            "schema": STATUS_SCHEMA,
-            "device": device,
-            "online": True,
-            "ts": _now(),
-            "version": __version__,
-            "readers": [{"name": r["name"], "state": r["state"]} for r in readers],
-            "camera": camera,
-            "clock_ok": clock_ok,
-            "backlog": backlog,
-            "oldest_unsynced_age_s": age,
-            "last_seq": last_seq,
-            "journal": journal,
-        }
+        _with_key(
+            template_key,
+            {
+                "schema": STATUS_SCHEMA,
+                "device": device,
+                "online": True,
+                "ts": _now(),
+                "version": __version__,
+                "readers": [{"name": r["name"], "state": r["state"]} for r in readers],
+                "camera": camera,
+                "clock_ok": clock_ok,
+                "backlog": backlog,
+                "oldest_unsynced_age_s": age,
+                "last_seq": last_seq,
+                "journal": journal,
+            },
+        )
     )
 
 
-def offline_status(device: str, reason: str) -> bytes:
-    """The last will (``connection lost``) and the clean-shutdown message (``stopped``)."""
-    return _encode({"schema": STATUS_SCHEMA, "device": device, "online": False, "ts": _now(), "reason": reason})
+def offline_status(device: str, reason: str, template_key: str | None = None) -> bytes:
+    """The last will (``connection lost``) and the clean-shutdown message (``stopped``).
+
+    They keep the template key: the hub can still seal templates for a gate that is away.
+    """
+    return _encode(
+        _with_key(
+            template_key, {"schema": STATUS_SCHEMA, "device": device, "online": False, "ts": _now(), "reason": reason}
+        )
+    )
+
+
+def _with_key(template_key: str | None, data: dict[str, Any]) -> dict[str, Any]:
+    """The gate's public transport key, when it has one (a public key: nothing personal)."""
+    return data if template_key is None else {**data, "template_key": template_key}
 
 
 def _encode(data: dict[str, Any]) -> bytes:
