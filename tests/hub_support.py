@@ -86,6 +86,25 @@ def _toml(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
+def hub_mqtt(folder: Path, broker: Any, pki: Any) -> dict[str, Any]:
+    """The ``[mqtt]`` table of a hub on the tests' broker (user ``hub``, its password in ``folder``)."""
+    from mqtt_broker import BROKER_USERS
+
+    password = folder / "hub.password"
+    password.write_text(BROKER_USERS["hub"] + "\n")
+    return {
+        "host": broker.host,
+        "port": broker.port,
+        "tls": True,
+        "ca_file": str(pki.ca),
+        "username": "hub",
+        "password_file": str(password),
+        "keepalive": 5,
+        "backoff_min": 0.2,
+        "backoff_max": 1.0,
+    }
+
+
 def write_hub_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     """A hub.toml from nested dicts (one level of sub-tables, e.g. notify.webhook)."""
     lines: list[str] = []

@@ -12,8 +12,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon_harness import send_taps
-from hub_support import HubProcess, write_hub_config
-from mqtt_broker import BROKER_USERS, Broker, Pki
+from hub_support import HubProcess, hub_mqtt, write_hub_config
+from mqtt_broker import Broker, Pki
 
 from appliance.config import DatabaseConfig
 from appliance.hub.store import Store
@@ -23,24 +23,12 @@ DEVICE = "gate-01"
 
 
 def hub_config(tmp_path: Path, broker: Broker, pki: Pki, key_file: Path, **signing: Any) -> Path:
-    password = tmp_path / "hub.password"
-    password.write_text(BROKER_USERS["hub"] + "\n")
     return write_hub_config(
         tmp_path / "hub.toml",
         {
             "hub": {"id": "hub-test"},
             "database": {"url": f"sqlite:///{tmp_path / 'hub.db'}"},
-            "mqtt": {
-                "host": broker.host,
-                "port": broker.port,
-                "tls": True,
-                "ca_file": str(pki.ca),
-                "username": "hub",
-                "password_file": str(password),
-                "keepalive": 5,
-                "backoff_min": 0.2,
-                "backoff_max": 1.0,
-            },
+            "mqtt": hub_mqtt(tmp_path, broker, pki),
             "signing": {"key_file": str(key_file), **signing},
             "api": {"enabled": False},
         },

@@ -31,7 +31,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from click.testing import CliRunner
-from hub_support import REPO, ZONE, HubProcess, gate_event, payload, write_hub_config
+from hub_support import REPO, ZONE, HubProcess, gate_event, hub_mqtt, payload, write_hub_config
 from mqtt_broker import BROKER_USERS, Broker, MqttPeer, Pki, free_port
 
 from appliance.cli import main as cli_main
@@ -754,8 +754,6 @@ def _not_today() -> str:
 
 
 def _hub_toml(tmp_path: Path, broker: Broker, pki: Pki, url: str) -> Path:
-    password = tmp_path / "hub.password"
-    password.write_text(BROKER_USERS["hub"] + "\n")
     key_file = tmp_path / "hub.key"
     generate_private_key(key_file)
     return write_hub_config(
@@ -765,17 +763,7 @@ def _hub_toml(tmp_path: Path, broker: Broker, pki: Pki, url: str) -> Path:
             "database": {"url": f"sqlite:///{tmp_path / 'hub.db'}"},
             # Arrivals and departures only: today is not a school day, so no absence cut-off fires mid-test.
             "attendance": {"school_days": [_not_today()]},
-            "mqtt": {
-                "host": broker.host,
-                "port": broker.port,
-                "tls": True,
-                "ca_file": str(pki.ca),
-                "username": "hub",
-                "password_file": str(password),
-                "keepalive": 5,
-                "backoff_min": 0.2,
-                "backoff_max": 1.0,
-            },
+            "mqtt": hub_mqtt(tmp_path, broker, pki),
             "signing": {"key_file": str(key_file)},
             "notify": {
                 "enabled": True,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from daemon_harness import send_taps
-from hub_support import HubProcess, write_hub_config
+from hub_support import HubProcess, hub_mqtt, write_hub_config
 from mqtt_broker import BROKER_USERS, Broker, MqttPeer, Pki
 from sync_support import BASE, DEVICE, SCHOOL
 
@@ -79,19 +79,7 @@ def hub_toml(
     }
     if broker is not None:
         assert pki is not None
-        password = tmp_path / "hub.password"
-        password.write_text(BROKER_USERS["hub"] + "\n")
-        sections["mqtt"] = {
-            "host": broker.host,
-            "port": broker.port,
-            "tls": True,
-            "ca_file": str(pki.ca),
-            "username": "hub",
-            "password_file": str(password),
-            "keepalive": 5,
-            "backoff_min": 0.2,
-            "backoff_max": 1.0,
-        }
+        sections["mqtt"] = hub_mqtt(tmp_path, broker, pki)
     return write_hub_config(tmp_path / "hub.toml", sections)
 
 

@@ -63,20 +63,12 @@ def roster_import(file: Path, school: str, config_path: Path, merge: bool, dry_r
     Same formats and headers as `edugate roster import` on a gate, with the hub's [roster] settings.
     People missing from FILE are deactivated, unless --merge.
     """
+    from appliance.cli.roster import checked_roster_file
     from appliance.hub.roster import import_people
-    from appliance.roster.importer import load_roster_file
 
     config = load_hub_config(config_path)
-    parsed = load_roster_file(file, config.roster)
-    click.echo("columns: " + ", ".join(f"{k}={v!r}" for k, v in parsed.columns.items()))
-    if parsed.errors:
-        rows = len({e.row for e in parsed.errors})
-        click.echo(f"{file}: rejected, nothing imported: {rows} row(s) with problems:", err=True)
-        for error in parsed.errors:
-            click.echo(f"  {error}", err=True)
-        sys.exit(EXIT_FAILED)
-    if dry_run:
-        click.echo(f"{file}: {len(parsed.people)} people OK (dry run, nothing written)")
+    parsed = checked_roster_file(file, config.roster, dry_run)
+    if parsed is None:
         return
     with _hub(config_path) as (_, conn):
         try:

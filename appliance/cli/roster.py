@@ -8,13 +8,31 @@ from pathlib import Path
 import click
 
 from appliance.cli.common import EXIT_FAILED, config_option, fail, friendly_errors, journal_option, journal_path_of
-from appliance.config import GateConfig, load_config
+from appliance.config import GateConfig, RosterConfig, load_config
 from appliance.journal import open_database
+from appliance.roster.importer import ParsedRoster, load_roster_file
 
 
 @click.group()
 def roster() -> None:
     """Import and look at the roster (students and staff)."""
+
+
+def checked_roster_file(file: Path, settings: RosterConfig, dry_run: bool) -> ParsedRoster | None:
+    """Read a roster export and say which columns were found; exit listing every bad row (nothing is imported
+    then). Returns the parsed roster, or None after a dry run's report. Shared by the gate's and the hub's import."""
+    parsed = load_roster_file(file, settings)
+    click.echo("columns: " + ", ".join(f"{k}={v!r}" for k, v in parsed.columns.items()))
+    if parsed.errors:
+        rows = len({e.row for e in parsed.errors})
+        click.echo(f"{file}: rejected, nothing imported: {rows} row(s) with problems:", err=True)
+        for error in parsed.errors:
+            click.echo(f"  {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    if dry_run:
+        click.echo(f"{file}: {len(parsed.people)} people OK (dry run, nothing written)")
+        return None
+    return parsed
 
 
 @roster.command("import")
@@ -32,19 +50,10 @@ def roster() -> None:
 def roster_import(file: Path, config_path: Path, journal_path: Path | None, merge: bool, dry_run: bool) -> None:
     """Import people and cards from a CSV or XLSX export (all-or-nothing)."""
     from appliance.journal.roster_store import RosterStore
-    from appliance.roster.importer import load_roster_file
 
     cfg = load_config(config_path) if journal_path is None or config_path.exists() else GateConfig()
-    parsed = load_roster_file(file, cfg.roster)
-    click.echo("columns: " + ", ".join(f"{k}={v!r}" for k, v in parsed.columns.items()))
-    if parsed.errors:
-        rows = len({e.row for e in parsed.errors})
-        click.echo(f"{file}: rejected, nothing imported: {rows} row(s) with problems:", err=True)
-        for error in parsed.errors:
-            click.echo(f"  {error}", err=True)
-        sys.exit(EXIT_FAILED)
-    if dry_run:
-        click.echo(f"{file}: {len(parsed.people)} people OK (dry run, nothing written)")
+    parsed = checked_roster_file(file, cfg.roster, dry_run)
+    if parsed is None:
         return
     database = open_database(journal_path or cfg.journal.path)
     try:
