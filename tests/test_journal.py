@@ -135,6 +135,12 @@ def test_seq_never_restarts_after_pruning_empties_the_journal(tmp_path: Path) ->
     database.close()
     database = open_database(tmp_path / "journal.db", writer=True)
     journal = EventJournal(database, "gate-01")
+    # The hourly prune runs on the empty journal too (it failed there once, every hour).
+    assert journal.prune_synced(30, datetime.fromisoformat("2026-09-05T08:00:00+07:00")) == 0
     event = journal.append(EventDraft(Kind.UNKNOWN_CARD, "2026-09-05T07:00:00+07:00", True, Method.CARD, card_uid="0B"))
     assert event.seq == 4 and database.journal_id == journal_id
     database.close()
+    fresh = EventJournal(open_database(tmp_path / "fresh.db", writer=True), "gate-02")
+    assert fresh.prune_synced(30, datetime.fromisoformat("2026-09-05T08:00:00+07:00")) == 0
+    event = fresh.append(EventDraft(Kind.UNKNOWN_CARD, "2026-09-05T07:00:00+07:00", True, Method.CARD, card_uid="0C"))
+    assert event.seq == 1

@@ -119,9 +119,9 @@ class EventJournal:
             try:
                 # Pruning may empty the table (a long holiday): remember the last seq so it never restarts at 1.
                 self._conn.execute(
-                    "INSERT INTO meta(key, value) SELECT 'last_seq', CAST(MAX(seq) AS TEXT) FROM events "
-                    "WHERE seq IS NOT NULL ON CONFLICT(key) DO UPDATE SET value = CAST(MAX(CAST(meta.value AS INTEGER),"
-                    " CAST(excluded.value AS INTEGER)) AS TEXT)"
+                    "INSERT INTO meta(key, value) VALUES ('last_seq', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    [str(self._next_seq - 1)],
                 )
                 cur = self._conn.execute("DELETE FROM events WHERE synced_at IS NOT NULL AND ts < ?", [cutoff])
             except BaseException:
