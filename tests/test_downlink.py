@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,24 @@ def test_sealed_templates_open_only_for_this_gate_and_message(gate: Downlink, hu
     np.testing.assert_array_equal(store.load("m1")["HS1"], vector)
     both = hub.message("templates", {"model": "m1", "set": texts, "sealed": sealed(5)["body"]["sealed"]}, version=5)
     assert not send(gate, both)["ok"]
+
+
+def test_a_journal_it_cannot_write_is_answered_and_changes_nothing(gate: Downlink, hub: Hub, tmp_path: Path) -> None:
+    """Another process holds the journal's write lock past the wait (as a stuck tool or a full disk would stop
+    writes): the hub gets a refusal that says why, nothing changed, and the same message applies later."""
+    snapshot = hub.message("roster.snapshot", {"people": [person("HS1", "Nguyễn Văn An", ["04A1B2C3"])]}, version=1)
+    other = sqlite3.connect(tmp_path / "journal.db", isolation_level=None)
+    gate.conn.execute("PRAGMA busy_timeout = 0")
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        result = send(gate, snapshot)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not result["ok"] and result["reason"].startswith("the gate could not apply it, nothing changed")
+    assert "locked" in result["reason"] and "Nguyễn" not in result["reason"]
+    assert roster(gate) == {}
+    assert send(gate, snapshot)["ok"] and roster(gate) == {"HS1": (True, ("04A1B2C3",))}
 
 
 def test_config_section_is_validated_applied_and_kept(gate: Downlink, hub: Hub) -> None:

@@ -268,7 +268,7 @@ class Downlink:
             try:
                 self.handle(topic, payload)
             except Exception:
-                log.exception("downlink: unexpected failure")
+                log.exception("downlink: could not answer a message")
             ack()
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
@@ -283,6 +283,11 @@ class Downlink:
             return Outcome(True, detail={"already_applied": True})
         except Refused as exc:
             outcome = Outcome(False, str(exc))
+        except Exception as exc:
+            # Disk full, a locked journal: every change is in one transaction, so nothing was applied.
+            # The hub hears why instead of nothing (the message is acknowledged: send it again later).
+            log.exception("downlink: could not apply a %s message", message.get("type"))
+            outcome = Outcome(False, f"the gate could not apply it, nothing changed: {type(exc).__name__}: {exc}")
         if outcome.ok:
             self.applied += 1
             log.info("downlink: %s applied (version %s)", message.get("type"), message.get("version"))
