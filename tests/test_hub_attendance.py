@@ -32,9 +32,10 @@ from appliance.hub.attendance import (
 )
 from appliance.hub.city import push_day, report_record
 from appliance.hub.ingest import Incoming, Ingest
-from appliance.hub.jobs import DailyJobs, daily_jobs, decide_absences
+from appliance.hub.jobs import DailyJobs, daily_jobs, decide_absences, gates_behind
 from appliance.hub.leave import LeaveError, LeaveFileError, add_leave, import_leave_file
 from appliance.hub.report import COLUMNS, export_day
+from appliance.hub.resync import MAX_ATTEMPTS
 from appliance.hub.store import Connection, Store
 
 SCHOOL = "thcs-a"
@@ -629,6 +630,34 @@ def test_absences_wait_for_a_gate_that_is_behind(hub_conn: Connection, tmp_path:
     hub_conn.execute("UPDATE devices SET online = 1, status = ? WHERE device = 'gate-02'", [json.dumps({"backlog": 0})])
     decision = decide_absences(hub_conn, config, SCHOOL, MONDAY, "6B", at(MONDAY, "13:15"))
     assert decision is not None and decision.gates_behind == ()
+
+
+def test_only_a_gap_that_may_still_close_holds_absences(hub_conn: Connection) -> None:
+    """A gap in the gate's current journal holds the parents' messages; one the hub gave up on, or one in a
+    journal the gate replaced, can never close and must not hold them every day from then on."""
+    current, earlier = "c" * 32, "e" * 32
+    hub_conn.execute(
+        "INSERT INTO devices(device, school, online, status, status_at) VALUES ('gate-02', ?, 1, ?, ?)",
+        [SCHOOL, json.dumps({"backlog": 0, "journal": current}), at(MONDAY, "07:00").isoformat()],
+    )
+
+    def stream(journal: str, attempts: int) -> None:
+        hub_conn.execute("DELETE FROM streams")
+        hub_conn.execute(
+            "INSERT INTO streams(device, journal, school, contiguous, highest, resync_attempts, updated_at) "
+            "VALUES ('gate-02', ?, ?, 10, 20, ?, ?)",
+            [journal, SCHOOL, attempts, at(MONDAY, "07:00").isoformat()],
+        )
+
+    now = at(MONDAY, "07:31")
+    stream(current, 0)
+    assert gates_behind(hub_conn, SCHOOL, now) == ["gate-02"]
+    stream(current, MAX_ATTEMPTS)  # the last request is out: the gate may still answer it
+    assert gates_behind(hub_conn, SCHOOL, now) == ["gate-02"]
+    stream(current, MAX_ATTEMPTS + 1)  # given up
+    assert gates_behind(hub_conn, SCHOOL, now) == []
+    stream(earlier, 0)
+    assert gates_behind(hub_conn, SCHOOL, now) == []
 
 
 def test_absent_parents_are_notified_once(hub_store: Store, hub_conn: Connection, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from appliance.config import HubConfig
 from appliance.hub.attendance import ABSENT_UNEXCUSED, class_day, classes, cutoff, is_school_day, schools
+from appliance.hub.resync import MAX_ATTEMPTS, current_journal
 from appliance.hub.store import Connection, Store
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,17 @@ def gates_behind(conn: Connection, school: str, now: datetime) -> list[str]:
             backlog = 0
         if isinstance(backlog, int) and backlog > 0:
             behind.add(device)
-    for (device,) in conn.all(
-        "SELECT DISTINCT device FROM streams WHERE school = ? AND highest > contiguous", [school]
+    # A gap counts while it may still close: the hub has not given up asking for it, and it is in the gate's
+    # current journal (an earlier one can no longer be resent). Else one lost range would hold every day's
+    # absence messages for good.
+    for device, journal, status in conn.all(
+        "SELECT s.device, s.journal, d.status FROM streams s LEFT JOIN devices d ON d.device = s.device "
+        "WHERE s.school = ? AND s.highest > s.contiguous AND s.resync_attempts <= ?",
+        [school, MAX_ATTEMPTS],
     ):
-        behind.add(device)
+        current = current_journal(status)
+        if current is None or current == journal:
+            behind.add(device)
     return sorted(behind)
 
 

@@ -92,7 +92,7 @@ class Resyncer:
                 wait = self.after * (2**attempts)
                 if datetime.fromisoformat(requested) + wait > now:
                     continue
-            current = _current_journal(status)
+            current = current_journal(status)
             if current is not None and current != journal:
                 continue  # an earlier journal of this gate (rebuilt after damage): it can no longer resend it
             claimed = self.conn.execute(
@@ -134,7 +134,8 @@ class Resyncer:
         )
 
 
-def _current_journal(status: str | None) -> str | None:
+def current_journal(status: str | None) -> str | None:
+    """The journal a gate's last status names (its seq stream that can still be resent)."""
     if not status:
         return None
     try:
