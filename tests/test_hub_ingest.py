@@ -55,6 +55,14 @@ def test_each_event_is_stored_once_and_acknowledged_after_the_commit(hub_store: 
     observer.close()
 
 
+def test_the_day_is_the_hubs_whatever_offset_the_gate_uses(hub_conn: Connection) -> None:
+    """A gate whose clock runs in UTC stamps a 06:45 arrival as 23:45 the day before: it is still today's."""
+    utc_gate = gate_event("gate-01", 1, ts="2024-10-20T23:45:00+00:00")
+    local_gate = gate_event("gate-01", 2, ts="2024-10-21T06:50:00+07:00")
+    Ingest(hub_conn, "edugate").store_batch([incoming(utc_gate), incoming(local_gate)])
+    assert hub_conn.all("SELECT seq, day FROM events ORDER BY seq") == [(1, "2024-10-21"), (2, "2024-10-21")]
+
+
 def test_invalid_messages_are_recorded_and_acknowledged_not_stored(hub_conn: Connection) -> None:
     acks: list[str] = []
     ingest = Ingest(hub_conn, "edugate")

@@ -15,7 +15,7 @@ from typing import Any
 
 from appliance.bench.mqtt_broker import SCHOOL
 from appliance.bench.stats import emit, progress
-from appliance.hub.ingest import event_row
+from appliance.hub.ingest import DEFAULT_ZONE, event_row
 
 BASELINE_BATCH = 500
 
@@ -24,7 +24,7 @@ def event_rows(events: dict[str, list[bytes]]) -> list[tuple[Any, ...]]:
     """The events table's rows for the payloads, as the ingest builds them (prepared outside the timing)."""
     received = datetime.now(UTC).isoformat(timespec="milliseconds")
     return [
-        tuple(event_row(SCHOOL, device, json.loads(raw), received))
+        tuple(event_row(SCHOOL, device, json.loads(raw), received, DEFAULT_ZONE))
         for device, payloads in events.items()
         for raw in payloads
     ]

@@ -136,7 +136,7 @@ def run_ingest(config: Any, total: int, label: str) -> dict[str, Any]:
         store.migrate()
     except StoreError as exc:
         raise BenchError(str(exc)) from None
-    worker = IngestWorker(store, config.mqtt.topic_prefix)
+    worker = IngestWorker(store, config.mqtt.topic_prefix, zone=config.zone)
     transport = hub_transport(config)
     first: list[float] = []
     acked = [0]  # only the ingest thread acknowledges (after the commit)

@@ -156,7 +156,7 @@ def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, t
         if event.get("person"):
             stored_at.setdefault(str(event["person"]), time.monotonic())
 
-    worker = IngestWorker(store, config.mqtt.topic_prefix, [hook])
+    worker = IngestWorker(store, config.mqtt.topic_prefix, [hook], config.zone)
     transport = hub_transport(config)
     transport.on_message = worker.submit
     outbox = outbox_worker(store, config)

@@ -20,18 +20,21 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from functools import cache
 from importlib import resources
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jsonschema
 
+from appliance.config.hub import HubSection
 from appliance.events import event_schema
 from appliance.hub.store import Connection, Store, StoreError
 from appliance.sync.downlink import describe_schema_error
 
 log = logging.getLogger(__name__)
+DEFAULT_ZONE = ZoneInfo(HubSection().timezone)  # hub.timezone's default; the service passes the configured one
 
 BATCH = 500
 BATCH_WAIT = 0.02  # seconds to gather more messages once one arrived
@@ -106,7 +109,13 @@ INSERT_EVENT = (
 )
 
 
-def event_row(school: str, device: str, data: dict[str, Any], received_at: str) -> list[Any]:
+def local_day(ts: str, zone: tzinfo) -> str:
+    """The school day of a timestamp, in the hub's zone: a gate whose clock is set to UTC still files a
+    06:45 arrival under the right day."""
+    return datetime.fromisoformat(ts).astimezone(zone).date().isoformat()
+
+
+def event_row(school: str, device: str, data: dict[str, Any], received_at: str, zone: tzinfo) -> list[Any]:
     """The events table's row for a validated event (also what the ingest benchmark's baseline inserts)."""
     return [
         data["id"],
@@ -115,7 +124,7 @@ def event_row(school: str, device: str, data: dict[str, Any], received_at: str) 
         data["journal"],
         data["seq"],
         data["ts"],
-        data["ts"][:10],
+        local_day(data["ts"], zone),
         data["kind"],
         data.get("person"),
         data.get("role"),
@@ -145,9 +154,12 @@ def _storable_text(raw: bytes) -> str:
 class Ingest:
     """Stores batches of gate messages; used by the hub's ingest thread and by the benchmarks."""
 
-    def __init__(self, conn: Connection, prefix: str, hooks: list[EventHook] | None = None) -> None:
+    def __init__(
+        self, conn: Connection, prefix: str, hooks: list[EventHook] | None = None, zone: tzinfo = DEFAULT_ZONE
+    ) -> None:
         self.conn = conn
         self.prefix = prefix
+        self.zone = zone
         self.hooks = hooks if hooks is not None else []  # the caller may add hooks to its list later
         self.stats = IngestStats()
 
@@ -235,7 +247,7 @@ class Ingest:
         _check_schema("event", data)
         if data["device"] != device:
             raise Rejected(f"event of {data['device']} published on {device}'s topic")
-        cur = self.conn.execute(INSERT_EVENT, event_row(school, device, data, _now()))
+        cur = self.conn.execute(INSERT_EVENT, event_row(school, device, data, _now(), self.zone))
         if cur.rowcount == 0:
             self.stats.duplicates += 1
             return []
@@ -322,9 +334,12 @@ class Ingest:
 class IngestWorker:
     """The thread between paho and the database: gathers messages into batches, stores, acks."""
 
-    def __init__(self, store: Store, prefix: str, hooks: list[EventHook] | None = None) -> None:
+    def __init__(
+        self, store: Store, prefix: str, hooks: list[EventHook] | None = None, zone: tzinfo = DEFAULT_ZONE
+    ) -> None:
         self.store = store
         self.prefix = prefix
+        self.zone = zone
         self.hooks = hooks if hooks is not None else []  # the caller may add hooks to its list later
         self._queue: queue.Queue[Incoming | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -335,7 +350,7 @@ class IngestWorker:
         self._queue.put(Incoming(topic, payload, ack))
 
     def start(self) -> None:
-        self.ingest = Ingest(self.store.connect(), self.prefix, self.hooks)
+        self.ingest = Ingest(self.store.connect(), self.prefix, self.hooks, self.zone)
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._thread.start()
 

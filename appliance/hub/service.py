@@ -58,7 +58,7 @@ class HubService:
         self.hooks: list[EventHook] = []
         self.components: list[Component] = []
         self.key = self._signing_key()
-        self.ingest = IngestWorker(self.store, config.mqtt.topic_prefix, self.hooks)
+        self.ingest = IngestWorker(self.store, config.mqtt.topic_prefix, self.hooks, config.zone)
         self.transport = MqttTransport(
             config.mqtt,
             client_id=config.mqtt.client_id or f"edugate-{config.hub.id}",

@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from appliance.config import HubConfig
-from appliance.hub.ingest import EventHook
+from appliance.hub.ingest import EventHook, local_day
 from appliance.hub.notify.templates import Facts, render
 from appliance.hub.store import Connection
 
@@ -165,7 +165,7 @@ def event_hook(config: HubConfig) -> EventHook:
         raw_ts = str(event["ts"])
         reason = _staleness(datetime.fromisoformat(raw_ts), utc_now(), config.notify.max_age_minutes)
         late = kind == "arrival" and bool(event.get("late"))
-        day = raw_ts[:10]  # the gate's local date, as in the events table
+        day = local_day(raw_ts, config.zone)  # as in the events table
         facts = Facts(
             name=student.full_name,
             class_name=student.class_name,
