@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hub_support import gate_event, payload
 
@@ -118,6 +120,32 @@ def test_resync_asks_for_exactly_the_missing_ranges_once_per_period(hub_conn: Co
     assert (message["school"], message["device"], message["type"]) == ("thcs-a", "gate-01", "command")
     assert resyncer.run_once(now + timedelta(seconds=90)) == 0  # asked 29 s ago
     assert resyncer.run_once(now + timedelta(seconds=200)) == 2  # still missing: ask again
+
+
+def test_a_batch_retried_after_a_busy_database_acknowledges_each_message_once(hub_conn: Connection) -> None:
+    """A poison message makes the batch go one by one; the database turns busy half-way; the ingest thread
+    retries the whole batch. The messages stored before must not be acknowledged twice: the broker may
+    already have given their packet ids to messages the hub has not stored yet."""
+    acks: list[str] = []
+    busy = [True]
+
+    def hook(conn: Connection, school: str, event: dict[str, Any]) -> None:
+        if event["card_uid"] == "0000BEEF":
+            raise ValueError("hook cannot handle this event")
+        if event["card_uid"] == "0000CAFE" and busy[0]:
+            busy[0] = False
+            raise sqlite3.OperationalError("database is locked")
+
+    ingest = Ingest(hub_conn, "edugate", [hook])
+    events = [gate_event("gate-01", 1), gate_event("gate-01", 2, card_uid="0000BEEF")]
+    events += [gate_event("gate-01", 3), gate_event("gate-01", 4, card_uid="0000CAFE"), gate_event("gate-01", 5)]
+    batch = [incoming(e, acks=acks) for e in events]
+    with pytest.raises(sqlite3.OperationalError):
+        ingest.store_batch(batch)
+    assert acks == [events[0]["id"], events[1]["id"], events[2]["id"]]  # stored, rejected, stored
+    ingest.store_batch(batch)  # what the ingest thread does next
+    assert sorted(acks) == sorted(e["id"] for e in events) and len(acks) == len(events)
+    assert {r[0] for r in hub_conn.all("SELECT seq FROM events")} == {1, 3, 4, 5}
 
 
 def test_a_message_the_database_cannot_hold_never_blocks_the_others(hub_conn: Connection) -> None:

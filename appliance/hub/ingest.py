@@ -40,11 +40,19 @@ BATCH = 500
 BATCH_WAIT = 0.02  # seconds to gather more messages once one arrived
 
 
-@dataclass(frozen=True)
+@dataclass
 class Incoming:
     topic: str
     payload: bytes
     ack: Callable[[], None] = lambda: None
+    acknowledged: bool = False
+
+    def acknowledge(self) -> None:
+        """PUBACK once: a batch retried after its first messages were stored one by one must not ack them
+        again, since the broker may have given their packet id to a message not stored yet."""
+        if not self.acknowledged:
+            self.acknowledged = True
+            self.ack()
 
 
 # Runs inside the ingest transaction for every newly stored event: (connection, school, event).
@@ -207,7 +215,7 @@ class Ingest:
                 self._advance(device, journal, school)
         self.stats.batches += 1
         for message in batch:
-            message.ack()
+            message.acknowledge()
 
     def _record_rejection(self, message: Incoming, reason: str) -> None:
         self.stats.rejected += 1
@@ -221,7 +229,7 @@ class Ingest:
         """A message that fails on its own, in its own transaction: kept as rejected, then acknowledged."""
         with self.conn.transaction():
             self._record_rejection(message, f"cannot be stored: {type(exc).__name__}")
-        message.ack()
+        message.acknowledge()
 
     def _store_one(self, message: Incoming) -> list[tuple[tuple[str, str, str], int]]:
         where = parse_topic(message.topic, self.prefix)
