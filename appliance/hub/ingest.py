@@ -67,6 +67,7 @@ class IngestStats:
     statuses: int = 0
     results: int = 0
     batches: int = 0
+    hook_failures: int = 0  # events stored without what a hook adds (a parent notification)
     last_error: str | None = None
     by_device: dict[str, int] = field(default_factory=dict)
 
@@ -175,9 +176,10 @@ class Ingest:
         """One transaction for the batch, then every message's ack (never before the commit).
 
         If the batch fails for a reason other than the database being unavailable, one of its
-        messages is one the database cannot hold (an out-of-range number, a broken string, a hook
-        that chokes on it): the messages are then stored one by one, and the one that still fails
-        is recorded as rejected and acknowledged, so a single bad message never blocks the queue.
+        messages is one the database cannot hold (an out-of-range number, a broken string) or a hook
+        chokes on: the messages are then stored one by one. One that still fails is stored without
+        the hooks if it can be (the check-in counts more than its notification), else recorded as
+        rejected; either way it is acknowledged, so a single bad message never blocks the queue.
         A transient failure (database busy or down) propagates: nothing is acknowledged, retry later.
         """
         try:
@@ -185,7 +187,7 @@ class Ingest:
         except Exception as exc:
             if len(batch) == 1 or is_transient(exc, self.conn):
                 if len(batch) == 1 and not is_transient(exc, self.conn):
-                    self._reject_alone(batch[0], exc)
+                    self._store_without_hooks(batch[0], exc)
                     return
                 raise
             log.warning(
@@ -194,12 +196,25 @@ class Ingest:
             for message in batch:
                 self.store_batch([message])
 
-    def _store(self, batch: list[Incoming]) -> None:
+    def _store_without_hooks(self, message: Incoming, exc: Exception) -> None:
+        """A message that fails alone: if only a hook (a notification) chokes on it, the check-in is kept
+        without it; if the message itself cannot be stored, it is kept as rejected. Then it is acknowledged."""
+        try:
+            self._store([message], hooks=False)
+        except Exception as again:
+            if is_transient(again, self.conn):
+                raise
+            self._reject_alone(message, exc)
+            return
+        self.stats.hook_failures += 1
+        log.error("hub: an event on %s is stored, but a hook failed on it: %s", message.topic, type(exc).__name__)
+
+    def _store(self, batch: list[Incoming], hooks: bool = True) -> None:
         highest: dict[tuple[str, str, str], int] = {}  # per (device, journal, school): the batch's top seq
         with self.conn.transaction():
             for message in batch:
                 try:
-                    for stream, seq in self._store_one(message):
+                    for stream, seq in self._store_one(message, hooks):
                         highest[stream] = max(seq, highest.get(stream, 0))
                 except Rejected as exc:
                     self._record_rejection(message, str(exc))
@@ -231,7 +246,7 @@ class Ingest:
             self._record_rejection(message, f"cannot be stored: {type(exc).__name__}")
         message.acknowledge()
 
-    def _store_one(self, message: Incoming) -> list[tuple[tuple[str, str, str], int]]:
+    def _store_one(self, message: Incoming, hooks: bool = True) -> list[tuple[tuple[str, str, str], int]]:
         where = parse_topic(message.topic, self.prefix)
         if where is None:
             raise Rejected("not a gate topic")
@@ -261,7 +276,7 @@ class Ingest:
             return []
         self.stats.stored += 1
         self.stats.by_device[device] = self.stats.by_device.get(device, 0) + 1
-        for hook in self.hooks:
+        for hook in self.hooks if hooks else []:
             hook(self.conn, school, data)
         return [((device, data["journal"], school), data["seq"])]
 
