@@ -97,6 +97,27 @@ def bench_match(sizes: str, queries: int, templates_per_person: int) -> None:
     run_match(parsed, queries, templates_per_person)
 
 
+_models_option = click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Installed model pack (default: vision.models_dir of the config).",
+)
+
+
+def _bench_vision(ctx: click.Context, config_path: Path, models_dir: Path | None) -> VisionConfig:
+    """The config's [vision] when a config is given or present, else the defaults; ``--models`` wins."""
+    explicit = ctx.get_parameter_source("config_path") not in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.DEFAULT_MAP,
+    )
+    vision = load_config(config_path).vision if explicit or config_path.exists() else VisionConfig()
+    if models_dir is not None:
+        vision = vision.model_copy(update={"models_dir": models_dir})
+    return vision
+
+
 @bench.command("accuracy")
 @click.option(
     "--dataset",
@@ -133,13 +154,7 @@ def bench_match(sizes: str, queries: int, templates_per_person: int) -> None:
     show_default=True,
     help="Folds for generated pairs (a pairs file brings its own).",
 )
-@click.option(
-    "--models",
-    "models_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Installed model pack (default: vision.models_dir of the config).",
-)
+@_models_option
 @config_option
 @click.pass_context
 @friendly_errors
@@ -165,32 +180,12 @@ def bench_accuracy(
     """
     from appliance.bench.accuracy import DatasetError
     from appliance.bench.accuracy import run as run_accuracy
-    from appliance.config import VisionConfig
     from appliance.vision.models import ModelError
 
-    explicit = ctx.get_parameter_source("config_path") not in (
-        click.core.ParameterSource.DEFAULT,
-        click.core.ParameterSource.DEFAULT_MAP,
-    )
-    vision = load_config(config_path).vision if explicit or config_path.exists() else VisionConfig()
-    if models_dir is not None:
-        vision = vision.model_copy(update={"models_dir": models_dir})
     try:
-        run_accuracy(dataset, pairs_file, threshold, margin, folds, vision)
+        run_accuracy(dataset, pairs_file, threshold, margin, folds, _bench_vision(ctx, config_path, models_dir))
     except (DatasetError, ModelError) as exc:
         fail(str(exc))
-
-
-def _bench_vision(ctx: click.Context, config_path: Path, models_dir: Path | None) -> VisionConfig:
-    """The config's [vision] when a config is given or present, else the defaults; ``--models`` wins."""
-    explicit = ctx.get_parameter_source("config_path") not in (
-        click.core.ParameterSource.DEFAULT,
-        click.core.ParameterSource.DEFAULT_MAP,
-    )
-    vision = load_config(config_path).vision if explicit or config_path.exists() else VisionConfig()
-    if models_dir is not None:
-        vision = vision.model_copy(update={"models_dir": models_dir})
-    return vision
 
 
 _faces_option = click.option(
@@ -199,13 +194,6 @@ _faces_option = click.option(
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
     help="The test photos with their manifest.csv (default: ../shared/data/faces beside the checkout).",
-)
-_models_option = click.option(
-    "--models",
-    "models_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Installed model pack (default: vision.models_dir of the config).",
 )
 
 
