@@ -21,7 +21,7 @@ from appliance import __version__
 from appliance.clock import Clock
 from appliance.config import ConfigError, GateConfig, load_config
 from appliance.events import Event, EventDraft, Kind, Method
-from appliance.feedback import Ack, Feedback, Outcome, build_feedback
+from appliance.feedback import Ack, MultiFeedback, Outcome, build_feedback
 from appliance.journal import EventJournal, open_database
 from appliance.journal.db import Database
 from appliance.journal.events import JournalWriteError, journal_stats
@@ -46,8 +46,9 @@ _STOP = object()
 @dataclass
 class _Reconfigure:
     config: GateConfig
-    feedback: Feedback
+    feedback: MultiFeedback
     done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
 
 
 PRUNE_INTERVAL = 3600.0
@@ -71,7 +72,7 @@ class Gate:
         self,
         config: GateConfig,
         database: Database,
-        feedback: Feedback,
+        feedback: MultiFeedback,
         clock: Clock,
         readers: list[CardReader] | None = None,
     ) -> None:
@@ -100,25 +101,33 @@ class Gate:
         """
         feedback = self.feedback
         if config.feedback != self.config.feedback:
-            feedback = build_feedback(config.feedback, config.device.language)
+            feedback = build_feedback(config.feedback, config.device.language, previous=self.feedback)
         change = _Reconfigure(config, feedback)
         if self._worker is None or not self._worker.is_alive():
             self._apply(change)
-            return
-        self._queue.put(change)
-        if not change.done.wait(timeout):
-            raise TimeoutError("the tap worker did not take the new configuration in time")
+        else:
+            self._queue.put(change)
+            if not change.done.wait(timeout):
+                raise TimeoutError("the tap worker did not take the new configuration in time")
+        if change.error is not None:
+            if feedback is not self.feedback:
+                feedback.close_unless_in(self.feedback)
+            raise change.error
 
     def _apply(self, change: _Reconfigure) -> None:
         """On the worker: rebuild the policy's memory of today and swap, with no tap in between."""
-        policy = AttendancePolicy(change.config.policy)
-        now = self.clock.now()
-        policy.remember(self.journal.day_rows(now.date().isoformat()), now)
-        old_feedback = self.feedback
-        self.policy, self.feedback, self.config = policy, change.feedback, change.config
-        if self.feedback is not old_feedback:
-            old_feedback.close()
-        change.done.set()
+        try:
+            policy = AttendancePolicy(change.config.policy)
+            now = self.clock.now()
+            policy.remember(self.journal.day_rows(now.date().isoformat()), now)
+            old_feedback = self.feedback
+            self.policy, self.feedback, self.config = policy, change.feedback, change.config
+            if self.feedback is not old_feedback:
+                old_feedback.close_unless_in(self.feedback)
+        except Exception as exc:
+            change.error = exc  # nothing swapped: the caller refuses the change and closes what it built
+        finally:
+            change.done.set()
 
     def submit(self, tap: Tap) -> None:
         """Called from reader threads; never blocks them."""

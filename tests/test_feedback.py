@@ -91,3 +91,40 @@ def test_gpio_leds_and_buzzer_on_mock_pins() -> None:
     finally:
         Device.pin_factory.close()
         Device.pin_factory = previous
+
+
+def test_a_live_feedback_change_keeps_the_gpio_pins_it_already_holds(tmp_path: Path) -> None:
+    """The hub may change gpio.on_seconds or show_names on a running gate: the GPIO output is carried
+    over (its pins cannot be opened twice) instead of the change being refused; dropping GPIO frees them."""
+    from gpiozero import LED, Device
+    from gpiozero.pins.mock import MockFactory
+
+    from appliance.clock import Clock
+    from appliance.config import parse_config
+    from appliance.daemon import Gate
+    from appliance.feedback import build_feedback
+    from appliance.feedback.gpio import GpioFeedback
+    from appliance.journal import open_database
+
+    previous = Device.pin_factory
+    Device.pin_factory = MockFactory()
+    try:
+        base = {"device": {"id": "gate-01", "school": "s"}, "journal": {"path": str(tmp_path / "j.db")}}
+        config = parse_config({**base, "feedback": {"outputs": ["console", "gpio"]}})
+        database = open_database(config.journal.path, writer=True)
+        gate = Gate(config, database, build_feedback(config.feedback, "vi"), Clock(config.zone))
+        gate.start()
+        gpio = next(o for o in gate.feedback.outputs if isinstance(o, GpioFeedback))
+        faster = parse_config({**base, "feedback": {"outputs": ["console", "gpio"], "gpio": {"on_seconds": 0.2}}})
+        gate.reconfigure(faster)
+        assert gate.config.feedback.gpio.on_seconds == 0.2
+        kept = next(o for o in gate.feedback.outputs if isinstance(o, GpioFeedback))
+        assert kept is gpio and kept.config.on_seconds == 0.2 and kept.green is not None and not kept.green.closed
+        gate.reconfigure(parse_config({**base, "feedback": {"outputs": ["console"]}}))
+        assert gpio.green is not None and gpio.green.closed
+        LED(17).close()  # the pin is free again
+        gate.stop()
+        database.close()
+    finally:
+        Device.pin_factory.close()
+        Device.pin_factory = previous

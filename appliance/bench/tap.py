@@ -35,7 +35,7 @@ from appliance.bench.errors import BenchError
 from appliance.bench.sigterm import sigterm_interrupts
 from appliance.bench.stats import emit, machine_info, progress, summary
 from appliance.events import EventDraft
-from appliance.feedback import Ack, Outcome
+from appliance.feedback import Ack, MultiFeedback, Outcome
 from appliance.readers.base import Tap
 from appliance.readers.virtual import PrivatePcscd, VirtualCard
 
@@ -411,7 +411,11 @@ def _run(taps: int, pcscd: PrivatePcscd, workdir: Path) -> None:
 
         feedback = RecordingFeedback(LANES)
         gate = Gate(
-            config, database, feedback, Clock(config.zone, config.clock.assume_synced), build_readers(config.readers)
+            config,
+            database,
+            MultiFeedback([feedback]),
+            Clock(config.zone, config.clock.assume_synced),
+            build_readers(config.readers),
         )
         submitted: dict[str, float] = {}
         commit_ms: dict[str, float] = {}

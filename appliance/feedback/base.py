@@ -60,9 +60,19 @@ class MultiFeedback:
         for output in self.outputs:
             output.close()
 
+    def close_unless_in(self, successor: MultiFeedback) -> None:
+        """Close the outputs the successor does not carry on (those it kept, e.g. GPIO pins, stay open)."""
+        for output in self.outputs:
+            if not any(output is kept for kept in successor.outputs):
+                output.close()
 
-def build_feedback(config: FeedbackConfig, language: str) -> MultiFeedback:
-    """The outputs named in ``feedback.outputs``; GPIO is imported only when asked for."""
+
+def build_feedback(config: FeedbackConfig, language: str, previous: MultiFeedback | None = None) -> MultiFeedback:
+    """The outputs named in ``feedback.outputs``; GPIO is imported only when asked for.
+
+    A live change (from the hub, or a reload) passes the ``previous`` feedback: its GPIO output is
+    carried over when the pins are the same, since the pins cannot be opened twice.
+    """
     outputs: list[Feedback] = []
     for name in config.outputs:
         if name == "console":
@@ -76,5 +86,10 @@ def build_feedback(config: FeedbackConfig, language: str) -> MultiFeedback:
         elif name == "gpio":
             from appliance.feedback.gpio import GpioFeedback
 
-            outputs.append(GpioFeedback(config.gpio))
+            kept = next((o for o in (previous.outputs if previous else []) if isinstance(o, GpioFeedback)), None)
+            if kept is not None and kept.same_pins(config.gpio):
+                kept.config = config.gpio
+                outputs.append(kept)
+            else:
+                outputs.append(GpioFeedback(config.gpio))
     return MultiFeedback(outputs)

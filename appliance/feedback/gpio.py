@@ -23,6 +23,13 @@ class GpioFeedback:
         self.red = LED(config.red_led) if config.red_led is not None else None
         self.buzzer = Buzzer(config.buzzer) if config.buzzer is not None else None
 
+    def same_pins(self, config: GpioConfig) -> bool:
+        return (config.green_led, config.red_led, config.buzzer) == (
+            self.config.green_led,
+            self.config.red_led,
+            self.config.buzzer,
+        )
+
     def show(self, ack: Ack) -> None:
         on = self.config.on_seconds
         good = ack.outcome in (Outcome.OK, Outcome.REPEAT)
