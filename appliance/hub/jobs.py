@@ -155,17 +155,16 @@ def run_report(
     school: str,
     day: date,
     stop: threading.Event | None = None,
-    export: bool = True,
 ) -> bool:
-    """Export the day's files (``export=False``: the caller has) and push them to the city if configured;
-    True once finished for good (sent, failed, or no city), False to come back next round."""
+    """Push the day's exported files to the city if configured and record the report as done; True once
+    finished for good (sent, failed, or no city), False to come back next round."""
     from appliance.hub.city import push_day
-    from appliance.hub.report import export_day, report_paths
+    from appliance.hub.report import report_paths
 
     key = report_key(school, day.isoformat())
     if _meta_exists(conn, key):
         return True
-    files = export_day(conn, config, school, day) if export else report_paths(config, school, day)
+    files = report_paths(config, school, day)
     pushed = None
     if config.report.city is not None:
         result = push_day(conn, config, school, day, stop=stop)
@@ -256,7 +255,7 @@ class DailyJobs:
         if key not in self._exported and not _meta_exists(conn, key):
             export_day(conn, self.config, school, day)
             self._exported.add(key)
-        run_report(conn, self.config, school, day, self._stop, export=False)
+        run_report(conn, self.config, school, day, self._stop)
 
     def run_once(self, now: datetime | None = None) -> None:
         """Everything due today by ``now`` (the hub's local time) that is not yet done."""

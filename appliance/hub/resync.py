@@ -60,7 +60,6 @@ class Resyncer:
         self.key = key
         self.publish = publish
         self.after = timedelta(seconds=after)
-        self.requested = 0
 
     def run_once(self, now: datetime | None = None) -> int:
         """Send the resync commands that are due; returns how many ranges were asked for.
@@ -116,7 +115,6 @@ class Resyncer:
                 attempts + 1,
                 MAX_ATTEMPTS,
             )
-        self.requested += asked
         return asked
 
     def _give_up(self, device: str, journal: str, contiguous: int, highest: int, attempts: int) -> None:

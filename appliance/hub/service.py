@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 RESYNC_EVERY = 5.0
 CATCH_UP_SECONDS = 30.0  # after a (re)connect, time for the broker to hand over what it queued for the hub
+PRUNE_EVERY = 3600.0  # seconds between two prunes of old rejected messages (a full scan of that table)
 REJECTED_RETENTION = timedelta(days=30)  # refused payloads may hold personal data: kept for diagnosis only
 
 
@@ -67,15 +68,15 @@ class HubService:
             manual_ack=True,
         )
         self.transport.on_message = self.ingest.submit
-        self._resync_conn = self.store.connect()
         self.resyncer = Resyncer(
-            self._resync_conn,
+            self.store.connect(),
             config.mqtt.topic_prefix,
             self.key,
             lambda topic, data: self.transport.publish(topic, data),
             config.signing.resync_after,
         )
         self._stop = threading.Event()
+        self._prune_due = 0.0  # at the first housekeeping round
         self.notifier = Notifier()
         self._add_optional_parts()
 
@@ -144,8 +145,10 @@ class HubService:
                 self.resyncer.conn = self.store.connect()
             if self.transport.connected.is_set():
                 self.resyncer.run_once()
-            cutoff = (datetime.now(UTC) - REJECTED_RETENTION).isoformat(timespec="milliseconds")
-            self.resyncer.conn.execute("DELETE FROM rejected_messages WHERE received_at < ?", [cutoff])
+            if time.monotonic() >= self._prune_due:
+                cutoff = (datetime.now(UTC) - REJECTED_RETENTION).isoformat(timespec="milliseconds")
+                self.resyncer.conn.execute("DELETE FROM rejected_messages WHERE received_at < ?", [cutoff])
+                self._prune_due = time.monotonic() + PRUNE_EVERY
         except Exception as exc:
             log.error("hub: resync round failed: %s", exc)
 
@@ -158,11 +161,3 @@ class HubService:
             and self.ingest.backlog() == 0
             and self.ingest.alive()
         )
-
-    def wait_online(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.transport.connected.is_set():
-                return True
-            time.sleep(0.05)
-        return False

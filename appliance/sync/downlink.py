@@ -208,7 +208,6 @@ class Hooks:
     reload: Callable[[], str] | None = None
     resync: Callable[[int, int | None], int] | None = None
     rotate_logs: Callable[[], str] | None = None
-    templates_changed: Callable[[], None] | None = None
 
 
 @dataclass
@@ -404,8 +403,6 @@ class Downlink:
             written, erased = TemplateStore(self.database, sealer).replace_many(
                 body["model"], new, body.get("remove", []), in_transaction=record
             )
-            if self.hooks.templates_changed is not None:
-                self.hooks.templates_changed()
             return Outcome(True, detail={"templates": written, "people_erased": erased})
         if kind == "config":
             return self._apply_config(body, record)

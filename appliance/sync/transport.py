@@ -157,7 +157,6 @@ class MqttTransport:
         self.link = LinkState()
         self.connected = threading.Event()
         self.on_online: Callback | None = None  # (session_present: bool)
-        self.on_offline: Callback | None = None  # ()
         self.on_ack: Callback | None = None  # (mid: int, error: str | None)
         self.on_message: Callback | None = None  # (topic: str, payload: bytes, ack: Callable[[], None])
         self.manual_ack = manual_ack
@@ -278,8 +277,6 @@ class MqttTransport:
                     break
             was_online = self.connected.is_set()
             self.connected.clear()
-            if was_online and self.on_offline is not None:
-                self.on_offline()
             if not self._stop.is_set() and self.link.state in ("online", "connecting"):
                 self._report("lost the connection to the broker" if was_online else "the broker closed the connection")
         self.connected.clear()
