@@ -6,14 +6,17 @@ import base64
 import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hub_support import gate_event, payload
 
+from appliance.config import parse_hub_config
 from appliance.hub.ingest import Incoming, Ingest
 from appliance.hub.resync import Resyncer, missing_ranges
+from appliance.hub.service import REJECTED_RETENTION, HubService
 from appliance.hub.store import Connection, Store
 from appliance.sync.signing import canonical
 from appliance.sync.status import online_status
@@ -191,3 +194,29 @@ def test_resync_waits_while_the_gap_is_filling_and_gives_up_on_a_lost_one(hub_co
     assert sum(asked) == 8  # 8 requests with growing pauses, then the hub gives up on the lost gap
     row = hub_conn.one("SELECT resync_attempts FROM streams WHERE device = 'gate-01'")
     assert row == (9,)
+
+
+def test_refused_payloads_are_kept_30_days_for_diagnosis_then_deleted(hub_store: Store, tmp_path: Path) -> None:
+    """A refused payload may hold a child's name: the hub's housekeeping deletes it after REJECTED_RETENTION."""
+    config = parse_hub_config(
+        {
+            "hub": {"id": "hub-test"},
+            "database": hub_store.config.model_dump(exclude_none=True),
+            "signing": {"key_file": str(tmp_path / "absent.key")},
+            "api": {"enabled": False},
+        }
+    )
+    service = HubService(config)
+    conn = hub_store.connect()
+    try:
+        now = datetime.now(UTC)
+        for age, topic in ((REJECTED_RETENTION + timedelta(hours=1), "old"), (timedelta(days=29), "recent")):
+            conn.execute(
+                "INSERT INTO rejected_messages(topic, reason, payload, received_at) VALUES (?, 'x', 'x', ?)",
+                [topic, (now - age).isoformat(timespec="milliseconds")],
+            )
+        service._housekeeping()
+        assert [r[0] for r in conn.all("SELECT topic FROM rejected_messages")] == ["recent"]
+    finally:
+        conn.close()
+        service.resyncer.conn.close()
