@@ -42,8 +42,10 @@ def run(ctx: click.Context, config_path: Path) -> None:
 @friendly_errors
 def check(file: Path) -> None:
     """Validate a hub.toml without starting anything."""
+    from appliance.hub.store import Store
+
     config = load_hub_config(file)
-    click.echo(f"{file}: OK (hub {config.hub.id}, database {config.database.url.split('@')[-1]})")
+    click.echo(f"{file}: OK (hub {config.hub.id}, database {Store(config.database).describe()})")
     for reason in config.mqtt.guessable_names():
         click.echo(f"{file}: warning: {reason}", err=True)
 

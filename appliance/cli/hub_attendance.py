@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date, datetime
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import click
 from appliance.cli.common import EXIT_FAILED, fail, friendly_errors
 from appliance.cli.hub import hub_config_option
 from appliance.config import HubConfig, load_hub_config
-from appliance.hub.store import Connection, Store
+from appliance.hub.store import Connection, migrated_connection
 
 date_option = click.option(
     "--date",
@@ -48,17 +46,6 @@ TEXT = {
         "minutes": "{n} min late",
     },
 }
-
-
-@contextmanager
-def _database(config: HubConfig) -> Iterator[Connection]:
-    store = Store(config.database)
-    store.migrate()
-    conn = store.connect()
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def _day(config: HubConfig, given: datetime | None) -> date:
@@ -106,7 +93,7 @@ def absent(class_name: str, school: str | None, day: datetime | None, everyone: 
     config = load_hub_config(config_path)
     text = TEXT[config.hub.language]
     the_day = _day(config, day)
-    with _database(config) as conn:
+    with migrated_connection(config.database) as conn:
         the_school = _school(conn, config, school)
         known = classes(conn, the_school)
         if class_name not in known:
@@ -149,7 +136,7 @@ def report(day: datetime | None, school: str | None, push: bool, force: bool, co
         fail("report.city is not configured: set [report.city] url (and token_file) in hub.toml")
     the_day = _day(config, day)
     failed = False
-    with _database(config) as conn:
+    with migrated_connection(config.database) as conn:
         targets = [_school(conn, config, school)] if school else schools(conn, config)
         if not targets:
             fail("no school known yet: set hub.schools in hub.toml or publish a roster first")
@@ -200,7 +187,7 @@ def leave_import(file: Path, school: str, config_path: Path) -> None:
     from appliance.hub.leave import LeaveFileError, import_leave_file
 
     config = load_hub_config(config_path)
-    with _database(config) as conn:
+    with migrated_connection(config.database) as conn:
         try:
             parsed = import_leave_file(conn, school, file)
         except LeaveFileError as exc:

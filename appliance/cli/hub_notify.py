@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from appliance.cli.hub import hub_config_option
 from appliance.config import HubConfig, load_hub_config
 from appliance.hub.notify import STATUSES
 from appliance.hub.notify.planner import iso, utc_now
-from appliance.hub.store import Connection, Store
+from appliance.hub.store import migrated_connection
 
 MIN_KEY_PREFIX = 6
 COLUMNS = (
@@ -41,17 +39,6 @@ def _day(value: str | None, config: HubConfig) -> str | None:
 
 day_option = click.option("--day", default=None, help="Only messages about this day (YYYY-MM-DD, dd/mm/yyyy, today).")
 school_option = click.option("--school", default=None, help="Only this school.")
-
-
-@contextmanager
-def _database(config: HubConfig) -> Iterator[Connection]:
-    store = Store(config.database)
-    store.migrate()
-    conn = store.connect()
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def _filters(status: str | None, day: str | None, school: str | None) -> tuple[str, list[Any]]:
@@ -106,7 +93,7 @@ def outbox(
         return
     config = load_hub_config(config_path)
     where, params = _filters(status, _day(day, config), school)
-    with _database(config) as conn:
+    with migrated_connection(config.database) as conn:
         rows = conn.all(
             f"SELECT {COLUMNS} FROM outbox o LEFT JOIN people p ON p.school = o.school AND p.id = o.person{where}"
             " ORDER BY o.created_at DESC, o.key LIMIT ?",
@@ -165,7 +152,7 @@ def retry(
         config_path = parent.params["config_path"]  # `edugate hub outbox --config X retry ...`
     config = load_hub_config(config_path)
     now = iso(utc_now())
-    with _database(config) as conn, conn.transaction():
+    with migrated_connection(config.database) as conn, conn.transaction():
         if all_failed:
             where, params = _filters("failed", _day(day, config), school)
             cur = conn.execute(

@@ -14,7 +14,7 @@ from appliance.cli.common import EXIT_FAILED, fail, friendly_errors
 from appliance.cli.hub import hub_config_option
 from appliance.config import HubConfig, load_hub_config
 from appliance.config.base import NAME_PATTERN
-from appliance.hub.store import Connection, Store
+from appliance.hub.store import Connection, migrated_connection
 
 
 def _name(ctx: click.Context, param: click.Parameter, value: object) -> object:
@@ -32,13 +32,8 @@ school_option = click.option("--school", required=True, callback=_name, help="Th
 @contextmanager
 def _hub(config_path: Path) -> Iterator[tuple[HubConfig, Connection]]:
     config = load_hub_config(config_path)
-    store = Store(config.database)
-    store.migrate()
-    conn = store.connect()
-    try:
+    with migrated_connection(config.database) as conn:
         yield config, conn
-    finally:
-        conn.close()
 
 
 def _kb(size: int) -> str:

@@ -332,3 +332,15 @@ class Store:
                 )
         finally:
             conn.close()
+
+
+@contextmanager
+def migrated_connection(config: DatabaseConfig) -> Iterator[Connection]:
+    """The hub's tables made or brought up to date, and one connection to them, closed after (CLI commands)."""
+    store = Store(config)
+    store.migrate()
+    conn = store.connect()
+    try:
+        yield conn
+    finally:
+        conn.close()
