@@ -39,6 +39,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from appliance.bench.mqtt_broker import free_port, mosquitto_missing, mosquitto_tool
+from appliance.bench.mqtt_pki import private_pem, write_pem
+
 REPO = Path(__file__).resolve().parent.parent
 PRODUCTION_CONF = REPO / "config" / "mosquitto" / "edugate.conf"
 PRODUCTION_ACL = REPO / "config" / "mosquitto" / "acl"
@@ -69,24 +72,8 @@ _REPLACED_OPTIONS = {
 }
 
 
-def _tool(name: str) -> str | None:
-    """Mosquitto's programs live in /usr/sbin and /usr/bin, which a test runner's PATH may lack."""
-    return shutil.which(name) or next(
-        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if os.access(p, os.X_OK)), None
-    )
-
-
-MOSQUITTO = _tool("mosquitto")
-MOSQUITTO_PASSWD = _tool("mosquitto_passwd")
-
-
-def mosquitto_missing() -> str | None:
-    """Why a real broker cannot run here, or None."""
-    if MOSQUITTO is None:
-        return "mosquitto is not installed (apt-get install mosquitto)"
-    if MOSQUITTO_PASSWD is None:
-        return "mosquitto_passwd is not installed (apt-get install mosquitto)"
-    return None
+MOSQUITTO = mosquitto_tool("mosquitto")
+MOSQUITTO_PASSWD = mosquitto_tool("mosquitto_passwd")
 
 
 def require_mosquitto() -> None:
@@ -98,27 +85,7 @@ def require_mosquitto() -> None:
         pytest.skip(why)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --------------------------------------------------------------------------------------------------- PKI
-
-
-def _write_pem(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
-    return path
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 def _name(cn: str) -> x509.Name:
@@ -247,19 +214,17 @@ class Pki:
         self.dir = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._ca = _make_ca("edugate test school CA")
-        self.ca = _write_pem(directory / "ca.pem", self._ca.cert.public_bytes(serialization.Encoding.PEM))
-        self.ca_key = _write_pem(directory / "ca.key", _key_pem(self._ca.key), private=True)
+        self.ca = write_pem(directory / "ca.pem", self._ca.cert.public_bytes(serialization.Encoding.PEM))
+        self.ca_key = write_pem(directory / "ca.key", private_pem(self._ca.key), private=True)
         self.server_cert, self.server_key = self._write_leaf(
             "server", *_issue(self._ca, "localhost", server=True, names=self.SERVER_NAMES)
         )
         self._wrong = _make_ca("some other CA")
-        self.wrong_ca = _write_pem(
-            directory / "wrong-ca.pem", self._wrong.cert.public_bytes(serialization.Encoding.PEM)
-        )
+        self.wrong_ca = write_pem(directory / "wrong-ca.pem", self._wrong.cert.public_bytes(serialization.Encoding.PEM))
 
     def _write_leaf(self, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[Path, Path]:
-        cert_path = _write_pem(self.dir / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM))
-        return cert_path, _write_pem(self.dir / f"{stem}.key", _key_pem(key), private=True)
+        cert_path = write_pem(self.dir / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM))
+        return cert_path, write_pem(self.dir / f"{stem}.key", private_pem(key), private=True)
 
     def client_cert(self, cn: str, expired: bool = False, wrong_ca: bool = False) -> tuple[Path, Path]:
         """(certificate, key) for a client whose CN is ``cn``, signed by the school CA (or the unrelated one)."""

@@ -52,7 +52,7 @@ def events_topic(device: str, school: str = SCHOOL) -> str:
     return Topics(PREFIX, school, device).events
 
 
-def _tool(name: str) -> str | None:
+def mosquitto_tool(name: str) -> str | None:
     """Mosquitto's programs live in /usr/sbin and /usr/bin, which a user's PATH may lack."""
     found = shutil.which(name)
     if found:
@@ -67,12 +67,13 @@ def _tool(name: str) -> str | None:
 def mosquitto_missing() -> str | None:
     """Why the bench's broker cannot run here, or None."""
     for name in ("mosquitto", "mosquitto_passwd"):
-        if _tool(name) is None:
+        if mosquitto_tool(name) is None:
             return f"{name} is not installed (apt-get install mosquitto)"
     return None
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -103,7 +104,9 @@ class BenchBroker:
         passwd = self.workdir / "passwd"
         passwd.write_text("".join(f"{user}:{password}\n" for user, password in self.users.items()))
         passwd.chmod(0o600)
-        hashed = subprocess.run([_tool("mosquitto_passwd") or "", "-U", str(passwd)], capture_output=True, text=True)
+        hashed = subprocess.run(
+            [mosquitto_tool("mosquitto_passwd") or "", "-U", str(passwd)], capture_output=True, text=True
+        )
         if hashed.returncode:
             raise BenchError(f"mosquitto_passwd -U failed: {hashed.stdout}{hashed.stderr}")
         acl = self.workdir / "acl"
@@ -135,7 +138,7 @@ class BenchBroker:
             conf = self._write_files()
             with (self.workdir / "mosquitto.out").open("ab") as out:
                 self.proc = subprocess.Popen(
-                    [_tool("mosquitto") or "mosquitto", "-c", str(conf)],
+                    [mosquitto_tool("mosquitto") or "mosquitto", "-c", str(conf)],
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,

@@ -52,14 +52,14 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
+def write_pem(path: Path, data: bytes, private: bool = False) -> Path:
     path.write_bytes(data)
     if private:
         path.chmod(0o600)
     return path
 
 
-def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -108,7 +108,7 @@ def make_broker_pki(directory: Path) -> BrokerPki:
     )
     pem = serialization.Encoding.PEM
     return BrokerPki(
-        ca=_write(directory / "ca.pem", ca_cert.public_bytes(pem)),
-        server_cert=_write(directory / "server.pem", server_cert.public_bytes(pem)),
-        server_key=_write(directory / "server.key", _private_pem(server_key), private=True),
+        ca=write_pem(directory / "ca.pem", ca_cert.public_bytes(pem)),
+        server_cert=write_pem(directory / "server.pem", server_cert.public_bytes(pem)),
+        server_key=write_pem(directory / "server.key", private_pem(server_key), private=True),
     )
