@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from appliance.events import Event, EventDraft
-from appliance.journal.db import Database, JournalError
+from appliance.journal.db import Database, JournalError, immediate
 
 _INSERT = "INSERT INTO events(seq, id, ts, day, kind, person, card_uid, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
@@ -91,16 +91,10 @@ class EventJournal:
 
     def mark_synced(self, seqs: list[int], at: str) -> None:
         """Record the hub's acknowledgements, all in one transaction (one fsync per batch, not per event)."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.executemany(
-                    "UPDATE events SET synced_at = ? WHERE seq = ? AND synced_at IS NULL", [(at, s) for s in seqs]
-                )
-            except BaseException:
-                self._conn.rollback()
-                raise
-            self._conn.commit()
+        with self._lock, immediate(self._conn):
+            self._conn.executemany(
+                "UPDATE events SET synced_at = ? WHERE seq = ? AND synced_at IS NULL", [(at, s) for s in seqs]
+            )
 
     def mark_unsynced(self, from_seq: int, to_seq: int | None = None) -> int:
         """Send events ``from_seq``..``to_seq`` again (the hub asked for a resync); how many were reset."""
@@ -114,20 +108,14 @@ class EventJournal:
     def prune_synced(self, retention_days: int, now: datetime) -> int:
         """Delete synced events older than the retention; unsynced events are never deleted."""
         cutoff = (now - timedelta(days=retention_days)).isoformat()
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                # Pruning may empty the table (a long holiday): remember the last seq so it never restarts at 1.
-                self._conn.execute(
-                    "INSERT INTO meta(key, value) VALUES ('last_seq', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    [str(self._next_seq - 1)],
-                )
-                cur = self._conn.execute("DELETE FROM events WHERE synced_at IS NOT NULL AND ts < ?", [cutoff])
-            except BaseException:
-                self._conn.rollback()
-                raise
-            self._conn.commit()
+        with self._lock, immediate(self._conn):
+            # Pruning may empty the table (a long holiday): remember the last seq so it never restarts at 1.
+            self._conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('last_seq', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [str(self._next_seq - 1)],
+            )
+            cur = self._conn.execute("DELETE FROM events WHERE synced_at IS NOT NULL AND ts < ?", [cutoff])
         return cur.rowcount
 
 

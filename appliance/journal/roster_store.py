@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from appliance.journal.db import Database
+from appliance.journal.db import Database, immediate
 from appliance.roster.model import Person, Role, fold
 
 _PERSON_SQL = (
@@ -103,9 +103,7 @@ class RosterStore:
         report = ApplyReport()
         now = datetime.now(UTC).isoformat(timespec="seconds")
         incoming = {p.id: p for p in people}
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self.conn) as conn:
             existing = {p.id: p for p in self.all()}
             owners = self.card_owners([uid for p in people for uid in p.cards])
             for uid, owner in owners.items():
@@ -156,8 +154,4 @@ class RosterStore:
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('roster_version', ?)", [str(report.version)])
             if in_transaction is not None:
                 in_transaction(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return report

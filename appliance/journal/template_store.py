@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from appliance.journal.db import Database
+from appliance.journal.db import Database, immediate
 from appliance.journal.sealing import Sealer
 
 
@@ -71,9 +71,7 @@ class TemplateStore:
             for person, vectors in new.items()
             for vector in np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
         ]
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self.conn) as conn:
             conn.executemany("DELETE FROM templates WHERE person_id = ? AND model = ?", [(p, model) for p in new])
             erased = 0
             for person in remove:
@@ -82,10 +80,6 @@ class TemplateStore:
             self._bump()
             if in_transaction is not None:
                 in_transaction(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return len(rows), erased
 
     def remove(self, person_id: str) -> int:

@@ -30,7 +30,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.config import ConfigError, GateConfig, parse_config
-from appliance.journal.db import Database
+from appliance.journal.db import Database, immediate
 from appliance.journal.roster_store import RosterStore
 from appliance.journal.sealing import Sealer
 from appliance.journal.template_store import TemplateStore
@@ -365,13 +365,8 @@ class Downlink:
         return record
 
     def _in_transaction(self, work: Callable[[sqlite3.Connection], None]) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self.conn):
             work(self.conn)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
 
     def _apply(self, message: dict[str, Any]) -> Outcome:
         kind = message["type"]
