@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from appliance.bench.errors import BenchError
+
 T = TypeVar("T")
 
 
@@ -47,19 +49,18 @@ def wait_settled(
     timeout: float,
     settled: Callable[[], T],
     pause: float,
-    error: type[Exception] = RuntimeError,
 ) -> T | None:
     """READY=1, then ``settled()`` every ``pause`` s until it is truthy, which is returned; None after ``timeout``.
 
     READY=1 comes before the readers or the camera are up, so each bench says what settled means (a
     status file or log half written may not parse yet: that counts as not yet). A daemon that exits
-    raises ``error`` with the end of its log.
+    raises BenchError with the end of its log.
     """
     deadline = time.monotonic() + timeout
     ready = False
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise error(f"edugate run exited with {proc.returncode}; log: {log.read_text()[-2000:]}")
+            raise BenchError(f"edugate run exited with {proc.returncode}; log: {log.read_text()[-2000:]}")
         if not ready:
             ready = notify_ready(notify)
             continue

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from appliance.bench.daemon_process import end, start_daemon, wait_settled
+from appliance.bench.errors import BenchError
 from appliance.readers.virtual import PrivatePcscd
 from appliance.status import status_path
 
@@ -65,14 +66,14 @@ def _lanes_bound(journal: Path) -> bool:
 def _wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], journal: Path, log: Path) -> None:
     """READY=1 over sd_notify, then a status file showing both lanes bound (so the readers are idle, not starting)."""
     if not wait_settled(proc, notify, log, READY_TIMEOUT, lambda: _lanes_bound(journal), pause=0.1):
-        raise RuntimeError(f"edugate run was not ready with both lanes within {READY_TIMEOUT:.0f}s; see {log}")
+        raise BenchError(f"edugate run was not ready with both lanes within {READY_TIMEOUT:.0f}s; see {log}")
 
 
 def run(seconds: float, port: int) -> None:
     """Measure and print one JSON line; everything started here is stopped and removed again."""
     why = PrivatePcscd.available()
     if why:
-        raise RuntimeError(why)
+        raise BenchError(why)
     workdir = Path(tempfile.mkdtemp(prefix="edugate-bench-idle-"))
     pcscd = PrivatePcscd(port, workdir=workdir / "pcscd")
     daemon: subprocess.Popen[bytes] | None = None
@@ -108,7 +109,7 @@ def run(seconds: float, port: int) -> None:
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         wall = time.monotonic() - wall0
         if daemon.poll() is not None:
-            raise RuntimeError(f"edugate run exited during the measurement; see {log}")
+            raise BenchError(f"edugate run exited during the measurement; see {log}")
         percent = {n: round(100 * (cpu1[n] - cpu0[n]) / wall, 3) for n in cpu0}
         print(
             json.dumps(
@@ -144,4 +145,4 @@ def _pcscd_pid(pcscd: PrivatePcscd) -> int:
         if not children:
             break
         pid = int(children[0])
-    raise RuntimeError("cannot find the pcscd process")
+    raise BenchError("cannot find the pcscd process")

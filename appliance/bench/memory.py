@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from appliance.bench.daemon_process import end, start_daemon, wait_settled
+from appliance.bench.errors import BenchError
 from appliance.bench.stats import emit, machine_info, progress
 from appliance.status import status_path
 
@@ -45,10 +46,6 @@ VIDEO_PEOPLE = 2  # walkers in the camera's video (plus the stranger)
 VIDEO_SECONDS = 20.0  # the camera replays it when it ends
 STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 BARE_IMPORTS = "import numpy, onnxruntime, cv2"
-
-
-class MemoryBenchError(RuntimeError):
-    """The daemon could not be measured; the message says what happened and where its log is."""
 
 
 def proc_status(pid: int) -> dict[str, float]:
@@ -90,7 +87,7 @@ def watch(name: str, proc: subprocess.Popen[bytes], seconds: float, log: Path | 
     while True:
         if proc.poll() is not None:
             where = f"; log: {log}" if log else ""
-            raise MemoryBenchError(f"{name} exited with {proc.returncode} while it was measured{where}")
+            raise BenchError(f"{name} exited with {proc.returncode} while it was measured{where}")
         last = proc_status(proc.pid)
         rss.append(last["VmRSS"])
         if time.monotonic() >= deadline:
@@ -166,9 +163,9 @@ def _wait_for_daemon(
             return vision
         return None
 
-    vision = wait_settled(proc, notify, log, READY_TIMEOUT, embedding, pause=0.2, error=MemoryBenchError)
+    vision = wait_settled(proc, notify, log, READY_TIMEOUT, embedding, pause=0.2)
     if vision is None:
-        raise MemoryBenchError(
+        raise BenchError(
             f"edugate run did not load {people} people and embed a face within {READY_TIMEOUT:.0f}s; see {log}"
         )
     return vision
@@ -229,7 +226,7 @@ def measure_bare(seconds: float) -> dict[str, Any]:
     try:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
-            raise MemoryBenchError(f"`python -c '{BARE_IMPORTS}'` failed (exit {proc.wait()})")
+            raise BenchError(f"`python -c '{BARE_IMPORTS}'` failed (exit {proc.wait()})")
         return watch("bare imports", proc, min(seconds, 2.0)).fields()
     finally:
         end(proc, signal.SIGKILL)

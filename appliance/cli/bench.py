@@ -62,11 +62,12 @@ def bench_tap(taps: int, port: int) -> None:
 )
 def bench_idle(seconds: float, port: int) -> None:
     """CPU use of an idle `edugate run` with two PC/SC lanes, beside a sleeping baseline (needs root, pcscd, vpcd)."""
+    from appliance.bench.errors import BenchError
     from appliance.bench.idle import run as run_idle
 
     try:
         run_idle(seconds, port)
-    except RuntimeError as exc:
+    except BenchError as exc:
         fail(str(exc))
 
 
@@ -305,15 +306,15 @@ def bench_memory(
 ) -> None:
     """Resident memory of a real `edugate run` with the face models loaded and PEOPLE enrolled, beside the same
     daemon with nobody enrolled and a bare `import numpy, onnxruntime, cv2` (Linux: reads /proc/PID/status)."""
+    from appliance.bench.errors import BenchError
     from appliance.bench.face import DEFAULT_FACES, VideoError
-    from appliance.bench.memory import MemoryBenchError
     from appliance.bench.memory import run as run_memory
     from appliance.vision.models import ModelError
 
     vision = _bench_vision(ctx, config_path, models_dir)
     try:
         run_memory(faces_dir or DEFAULT_FACES, vision, people, templates_per_person, seconds)
-    except (MemoryBenchError, VideoError, ModelError) as exc:
+    except (BenchError, VideoError, ModelError) as exc:
         fail(str(exc))
 
 
