@@ -10,6 +10,7 @@ import click
 
 from appliance.cli.common import EXIT_FAILED, fail, friendly_errors
 from appliance.cli.hub import hub_config_option
+from appliance.cli.roster import reject_rows
 from appliance.config import HubConfig, load_hub_config
 from appliance.hub.store import Connection, migrated_connection
 
@@ -192,12 +193,7 @@ def leave_import(file: Path, school: str, config_path: Path) -> None:
             parsed = import_leave_file(conn, school, file)
         except LeaveFileError as exc:
             fail(str(exc))
-    if parsed.errors:
-        rows = len({e.row for e in parsed.errors})
-        click.echo(f"{file}: rejected, nothing imported: {rows} row(s) with problems:", err=True)
-        for error in parsed.errors:
-            click.echo(f"  {error}", err=True)
-        sys.exit(EXIT_FAILED)
+    reject_rows(file, parsed.errors)
     approved = sum(1 for r in parsed.requests if r.approved)
     click.echo(
         f"{file}: imported {len(parsed.requests)} leave request(s) for {school}: {approved} approved, "

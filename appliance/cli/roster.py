@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ import click
 from appliance.cli.common import EXIT_FAILED, config_option, fail, friendly_errors, journal_option, journal_path_of
 from appliance.config import GateConfig, RosterConfig, load_config
 from appliance.journal import open_database
-from appliance.roster.importer import ParsedRoster, load_roster_file
+from appliance.roster.importer import ParsedRoster, RowError, load_roster_file
 
 
 @click.group()
@@ -18,17 +19,22 @@ def roster() -> None:
     """Import and look at the roster (students and staff)."""
 
 
+def reject_rows(file: Path, errors: Sequence[RowError]) -> None:
+    """All or nothing: with any bad row, list every one and exit; the file is not imported."""
+    if errors:
+        rows = len({e.row for e in errors})
+        click.echo(f"{file}: rejected, nothing imported: {rows} row(s) with problems:", err=True)
+        for error in errors:
+            click.echo(f"  {error}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
 def checked_roster_file(file: Path, settings: RosterConfig, dry_run: bool) -> ParsedRoster | None:
     """Read a roster export and say which columns were found; exit listing every bad row (nothing is imported
     then). Returns the parsed roster, or None after a dry run's report. Shared by the gate's and the hub's import."""
     parsed = load_roster_file(file, settings)
     click.echo("columns: " + ", ".join(f"{k}={v!r}" for k, v in parsed.columns.items()))
-    if parsed.errors:
-        rows = len({e.row for e in parsed.errors})
-        click.echo(f"{file}: rejected, nothing imported: {rows} row(s) with problems:", err=True)
-        for error in parsed.errors:
-            click.echo(f"  {error}", err=True)
-        sys.exit(EXIT_FAILED)
+    reject_rows(file, parsed.errors)
     if dry_run:
         click.echo(f"{file}: {len(parsed.people)} people OK (dry run, nothing written)")
         return None

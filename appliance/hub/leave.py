@@ -14,8 +14,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from appliance.hub.store import Connection
-from appliance.roster.importer import RosterFileError, RowError, read_table
-from appliance.roster.model import fold, normalise_name
+from appliance.roster.importer import RosterFileError, RowError, header_key, read_table
+from appliance.roster.model import normalise_name
 
 MAX_DAYS = 366
 
@@ -86,12 +86,8 @@ def parse_day(value: str | int | date) -> date:
     raise ValueError(f"not a date: {text!r} (use dd/mm/yyyy)")
 
 
-def _key(text: object) -> str:
-    return " ".join(fold(str(text or "")).replace("_", " ").replace("-", " ").split())
-
-
 def map_columns(header: list[str | int]) -> dict[str, int]:
-    keys = [_key(h) for h in header]
+    keys = [header_key(h) for h in header]
     mapping: dict[str, int] = {}
     for name, aliases in COLUMNS.items():
         for alias in aliases:
@@ -145,7 +141,7 @@ def parse_leave(rows: list[list[str | int]], known: set[str]) -> ParsedLeave:
                 problems.append(f"longer than {MAX_DAYS} days")
         approved = True  # without a column, the office imports the approved requests
         if "approved" in mapping:
-            word = _key(cells["approved"])
+            word = header_key(cells["approved"])
             if word in _YES:
                 approved = True
             elif word in _NO:

@@ -100,7 +100,8 @@ class ParsedRoster:
     columns: dict[str, str] = field(default_factory=dict)
 
 
-def _header_key(text: object) -> str:
+def header_key(text: object) -> str:
+    """A header or keyword as compared: accents, case, '_' and '-' and extra spaces do not matter."""
     return " ".join(fold(str(text or "")).replace("_", " ").replace("-", " ").split())
 
 
@@ -182,14 +183,14 @@ def read_table(path: Path, sheet: str | None = None) -> list[list[str | int]]:
 
 def map_columns(header: list[str | int], config: RosterConfig) -> dict[str, int]:
     """Field name -> column index, from the config's explicit names first, then the aliases."""
-    keys = [_header_key(h) for h in header]
+    keys = [header_key(h) for h in header]
     mapping: dict[str, int] = {}
     explicit = config.columns.model_dump()
     for fieldname, wanted in explicit.items():
         if wanted is None:
             continue
         try:
-            mapping[fieldname] = keys.index(_header_key(wanted))
+            mapping[fieldname] = keys.index(header_key(wanted))
         except ValueError:
             raise RosterFileError(
                 f"roster.columns.{'class' if fieldname == 'class_name' else fieldname} = {wanted!r}: "
@@ -229,7 +230,7 @@ def _parse_row(cells: dict[str, str], config: RosterConfig) -> tuple[Person | No
         problems.append("missing full name")
 
     role = Role.STUDENT
-    role_text = _header_key(cells.get("role", ""))
+    role_text = header_key(cells.get("role", ""))
     if role_text:
         matched = [r for r, words in _ROLE_WORDS.items() if role_text in words]
         if matched:
@@ -238,7 +239,7 @@ def _parse_row(cells: dict[str, str], config: RosterConfig) -> tuple[Person | No
             problems.append(f"unknown role {cells['role']!r} (use student/học sinh or staff/giáo viên)")
 
     active = True
-    active_text = _header_key(cells.get("active", ""))
+    active_text = header_key(cells.get("active", ""))
     if active_text:
         if active_text in _ACTIVE_WORDS[True]:
             active = True
