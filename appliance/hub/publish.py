@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -56,6 +55,7 @@ from appliance.sync.transport import (
     describe_connect_error,
     describe_refusal,
     read_password,
+    tls_context,
 )
 
 log = logging.getLogger(__name__)
@@ -271,11 +271,7 @@ class BrokerSession:
         )
         self.client.username_pw_set(link.username or "hub", read_password(link))
         if link.tls:
-            context = ssl.create_default_context(cafile=str(link.ca_file))
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            if link.cert_file is not None:
-                context.load_cert_chain(str(link.cert_file), str(link.key_file))
-            self.client.tls_set_context(context)
+            self.client.tls_set_context(tls_context(link))
         self.client.on_connect = self._on_connect
         self.client.on_publish = self._on_publish
         self.client.on_subscribe = self._on_subscribe

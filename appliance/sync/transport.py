@@ -137,6 +137,15 @@ def describe_refusal(reason: ReasonCode) -> str:
 Callback = Callable[..., None]
 
 
+def tls_context(link: MqttLink) -> ssl.SSLContext:
+    """TLS 1.2 or later, the broker checked against the pinned school CA, the client certificate if any."""
+    context = ssl.create_default_context(cafile=str(link.ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if link.cert_file is not None:
+        context.load_cert_chain(str(link.cert_file), str(link.key_file))
+    return context
+
+
 class MqttTransport:
     """One gate's MQTT session (v5, persistent, QoS 1), reconnected forever until :meth:`stop`."""
 
@@ -181,11 +190,7 @@ class MqttTransport:
         password = read_password(config)
         client.username_pw_set(self.username, password)
         if config.tls:
-            context = ssl.create_default_context(cafile=str(config.ca_file))
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            if config.cert_file is not None:
-                context.load_cert_chain(str(config.cert_file), str(config.key_file))
-            client.tls_set_context(context)
+            client.tls_set_context(tls_context(config))
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_connect = self._on_connect
