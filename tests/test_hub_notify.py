@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,20 @@ def start_worker(store: Store, config: HubConfig, workers: list[OutboxWorker]) -
 
 
 # ------------------------------------------------------------------------------------------------ planning
+
+
+def test_a_gate_clocked_in_utc_tells_parents_the_local_time_and_day(
+    hub_store: Store, hub_conn: Connection, gateway: tuple[Gateway, str]
+) -> None:
+    _, url = gateway
+    config = webhook_config(hub_store, url)
+    add_person(hub_conn, "HS001")
+    moment = datetime.now(ZONE).replace(hour=6, minute=45, second=0, microsecond=0)
+    ingest(hub_conn, config, tap(1, at=moment.astimezone(UTC)))  # "...T23:45:00+00:00" the day before
+    (planned,) = rows(hub_conn)
+    assert planned["day"] == moment.date().isoformat()
+    assert "06:45" in planned["body"] and "23:45" not in planned["body"]
+    assert moment.strftime("%d/%m/%Y") in planned["body"]
 
 
 def test_one_arrival_and_one_departure_per_child_per_day(

@@ -171,7 +171,7 @@ def event_hook(config: HubConfig) -> EventHook:
             class_name=student.class_name,
             school=school,
             day=day,
-            time=raw_ts[11:16],
+            time=datetime.fromisoformat(raw_ts).astimezone(config.zone).strftime("%H:%M"),
             minutes_late=int(event.get("minutes_late") or 0),
         )
         _plan(conn, config, school, student, day, str(kind), facts, late, str(event["id"]), reason)
