@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from camera_support import MjpegServer
 from conftest import FACES
 from daemon_harness import DaemonProcess, write_config
 
@@ -222,6 +223,28 @@ def test_no_face_video_ends_with_one_clear_error_and_enrolls_nothing(
     assert "most often: no face in view (look at the camera" in errors[0]
     assert errors[0].endswith("nothing enrolled")
     assert "0/5 good frames" in result.stderr and "Traceback" not in result.stderr
+    assert service(gate, pack).templates.counts() == (0, 0)
+
+
+def test_a_stream_camera_lost_mid_capture_is_named_in_the_error(gate: Path, tmp_path: Path, pack: ModelPack) -> None:
+    """A network camera that delivered frames, then lost power: the one error line says the camera stopped,
+    not only that no face was seen; nothing is enrolled."""
+    camera = MjpegServer(fps=15)
+    command = [sys.executable, "-m", "appliance.cli", "enroll", "joe_biden", "--camera", "--camera-source",
+               camera.url, "--seconds", "8", "--config", str(gate)]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while camera.sent < 15 and time.monotonic() < deadline:  # the capture is reading frames
+            time.sleep(0.05)
+        assert camera.sent >= 15, "the enrollment never read the stream"
+    finally:
+        camera.stop()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    errors = error_lines(stderr)
+    assert len(errors) == 1, stderr
+    assert "the camera stopped delivering" in errors[0] and errors[0].endswith("nothing enrolled")
     assert service(gate, pack).templates.counts() == (0, 0)
 
 

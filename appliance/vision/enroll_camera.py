@@ -269,8 +269,11 @@ def capture(
 
 
 def _timeout_message(picker: FramePicker, camera: Camera, seen: bool, seconds: float) -> str:
+    health = camera.health()
     if not seen:
-        return f"no frames from the camera in {seconds:.0f} s ({camera.health().detail})"
+        return f"no frames from the camera in {seconds:.0f} s ({health.detail})"
+    if health.state != "ok":  # it delivered, then dropped: say so, not just "no face in view"
+        return f"{picker.shortfall(seconds)}; the camera stopped delivering: {health.detail}"
     return picker.shortfall(seconds)
 
 
