@@ -486,8 +486,7 @@ class Results:
 def measure(video: Video, engine: FaceEngine, naive_engine: FaceEngine, gallery: Gallery) -> Results:
     """One pass over the decoded frames: pipeline and naive alternate who goes first; stages are timed after."""
     first = next(iter(decoded_frames(video)))[0]
-    # First runs at a new input size allocate: keep them out of the figures. The first match stacks the
-    # gallery's matrix, which the daemon does once after loading.
+    # First runs at a new input size allocate (detector, embedder): keep them out of the figures.
     engine.detect(first)
     naive_engine.detect(first)
     engine.pack.embed(np.zeros((1, 112, 112, 3), np.uint8))
@@ -642,9 +641,9 @@ def report(video: Video, results: Results, max_side: int, threads: int, provider
             by_pass[owner]["pipeline"].append(person if ok else "unknown")
     speedup = pipeline_fps / naive_fps
     same = pipeline_decisions == naive_decisions
-    # A pass decided more than once means its track was lost and started again (a face moving too far
-    # between two frames for the IoU tracker): the policy's debounce absorbs it, but each extra is another
-    # embedding, and for a stranger another unknown_face event.
+    # A pass decided more than once means its track was lost and started again (a face landing too far from
+    # where the tracker predicted it): the policy's debounce absorbs it, but each extra is another embedding,
+    # and for a stranger another unknown_face event.
     extra = sum(max(0, len(entry["pipeline"]) - 1) for entry in by_pass)
     emit(
         bench="face",
