@@ -361,7 +361,12 @@ class Daemon:
             from appliance.sync.downlink import Hooks
             from appliance.sync.service import SyncService
 
-            hooks = Hooks(config_changed=self.apply_config, reload=self.reload, rotate_logs=reopen_log_files)
+            hooks = Hooks(
+                config_changed=self.apply_config,
+                reload=self.reload,
+                rotate_logs=reopen_log_files,
+                template_size=self._template_size,
+            )
             self.sync = SyncService(
                 self.config,
                 self.gate.journal,
@@ -402,6 +407,13 @@ class Daemon:
         self.file_config = fresh
         self.apply_config(self._with_hub_config(fresh))
         return "policy and feedback reloaded"
+
+    def _template_size(self, model: str) -> int | None:
+        """Values per template of ``model`` when it is the face model running here (else unknown)."""
+        faces = self.gate.faces
+        if faces is None or faces.service.engine.model_name != model:
+            return None
+        return faces.service.pack.embedding_size
 
     def _sync_status_source(self) -> dict[str, Any]:
         return {

@@ -40,6 +40,7 @@ class FaceGate:
         self.frames = frames
         self.sink = sink
         self.error: str | None = None
+        self.reload_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -71,7 +72,7 @@ class FaceGate:
             now = time.monotonic()
             if now - last_reload > 5.0:
                 last_reload = now
-                self.service.reload()
+                self._reload()
             frame = self.frames.latest(after_index=index, timeout=0.5)
             if frame is None:
                 for decision in self.pipeline.flush(time.monotonic()):
@@ -90,6 +91,16 @@ class FaceGate:
             for decision in decisions:
                 self.sink(decision)
 
+    def _reload(self) -> None:
+        """Pick up enrollments and hub templates; a failure (a locked database) keeps the gallery in use."""
+        try:
+            self.service.reload()
+            self.reload_error = None
+        except Exception as exc:
+            if self.reload_error is None:
+                log.exception("face gallery reload failed; matching goes on with the gallery loaded before")
+            self.reload_error = f"face gallery reload failed: {exc}"
+
     def verify(self, person_id: str, now: float | None = None) -> Verification:
         """Is the face in front of the camera right now the cardholder's?"""
         gallery = self.service.gallery
@@ -104,10 +115,13 @@ class FaceGate:
 
     def health(self) -> dict[str, Any]:
         camera = self.frames.health() if self.frames is not None else None
-        state = "error" if self.error else "ok"
+        detail = f"{self.service.gallery.people} people enrolled"
+        if self.service.skipped:
+            detail += f", {self.service.skipped} stored templates left out (see the log)"
+        problem = self.error or self.reload_error
         return {
-            "state": state,
-            "detail": self.error or f"{self.service.gallery.people} people enrolled",
+            "state": "error" if self.error else "degraded" if problem or self.service.skipped else "ok",
+            "detail": problem or detail,
             "camera": camera.as_dict() if hasattr(camera, "as_dict") else camera,
             "stats": dict(self.pipeline.stats),
         }

@@ -68,6 +68,7 @@ def gate(tmp_path: Path, hub: Hub) -> Any:
         config_changed=lambda c: calls["config"].append(c),
         resync=lambda first, last: calls["resync"].append(first) or 7,
         reload=lambda: calls["reload"].append(True) or "reloaded",
+        template_size=lambda model: 128 if model == "m1" else None,  # m1 is the face model running here
     )
     downlink = Downlink(
         TOPICS,
@@ -220,6 +221,28 @@ def test_templates_are_sealed_and_replace_a_persons_rows(gate: Downlink, hub: Hu
     assert set(store.load("m1")) == {"HS1"}
     assert send(gate, hub.message("templates", {"model": "m1", "remove": ["HS1"]}, version=3))["ok"]
     assert store.load("m1") == {}
+
+
+def test_templates_the_running_model_cannot_match_are_refused(gate: Downlink, hub: Hub, tmp_path: Path) -> None:
+    """A 512-value set (an InsightFace pack's) sent as the gate's 128-value model would be stored and then
+    break every gallery load; it is refused with the sizes, and the gate's templates stay as they were."""
+    rng = np.random.default_rng(3)
+    good = rng.standard_normal((1, 128)).astype("<f4")
+    wide = rng.standard_normal((2, 512)).astype("<f4")
+
+    def b64(rows: np.ndarray) -> list[str]:
+        return [base64.b64encode(r.tobytes()).decode() for r in rows]
+
+    assert send(gate, hub.message("templates", {"model": "m1", "set": {"HS1": b64(good)}}, version=1))["ok"]
+    body = {"model": "m1", "set": {"HS2": b64(good), "HS3": b64(wide)}}
+    result = send(gate, hub.message("templates", body, version=2))
+    assert not result["ok"]
+    assert result["reason"] == "body/set/HS3: templates have 512 values, m1 makes 128"
+    store = TemplateStore(gate.database, Sealer.from_file(tmp_path / "templates.key"))
+    assert set(store.load("m1")) == {"HS1"}  # HS2 was not applied either: the message is one change
+    other = send(gate, hub.message("templates", {"model": "m2", "set": {"HS3": b64(wide)}}, version=3))
+    assert other["ok"]  # a model not running here is kept for when it is: its size is not known
+    assert store.load("m2")["HS3"].shape == (2, 512)
 
 
 def test_sealed_templates_open_only_for_this_gate_and_message(gate: Downlink, hub: Hub, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sqlite3
 import time
 from pathlib import Path
 
@@ -140,5 +141,31 @@ def test_staff_clock_in_by_face_and_stranger_is_unknown(tmp_path: Path, pack: Mo
         stranger = events(gate)[-1]
         assert stranger["person"] is None and stranger["method"] == "face" and stranger["face_score"] < 0.42
         assert np.isfinite(stranger["face_score"])
+    finally:
+        gate.stop()
+
+
+def test_a_bad_stored_template_or_a_failed_reload_keeps_faces_working(tmp_path: Path, pack: ModelPack) -> None:
+    gate, _lane, _out = make_gate(tmp_path, pack, "warn")
+    try:
+        faces = gate.faces
+        assert faces is not None and faces.health()["state"] == "ok"
+        faces.service.templates.add("HS_KIT", faces.service.engine.model_name, np.ones(512, dtype=np.float32))
+        faces._reload()
+        health = faces.health()
+        assert health["state"] == "degraded" and health["detail"] == (
+            "3 people enrolled, 1 stored templates left out (see the log)"
+        )
+        show(gate, "faces/barack_obama/barack_obama_04.jpg")
+        assert [e["person"] for e in events(gate) if e["kind"] == "arrival"] == ["GV_OBAMA"]
+        leave(gate)
+
+        unreadable = sqlite3.connect(":memory:")
+        unreadable.close()
+        faces.service.templates.conn = unreadable  # the journal cannot be read: the reload fails
+        faces._reload()
+        assert faces.health()["state"] == "degraded"
+        assert faces.health()["detail"].startswith("face gallery reload failed: Cannot operate on a closed database")
+        assert faces.service.gallery.people == 3
     finally:
         gate.stop()

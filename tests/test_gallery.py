@@ -172,8 +172,23 @@ def test_school_loads_into_one_matrix_that_the_gallery_adopts(tmp_path: Path) ->
     assert gallery.match(people["HS007"]).person == "HS007" and len(gallery) == 60
 
     assert store.load_matrix("nobody", 128).rows.shape == (0, 128)
-    with pytest.raises(ValueError, match="128 values, this model makes 512"):
-        store.load_matrix("sface", 512)
+
+
+def test_unusable_stored_rows_are_left_out_and_counted_not_fatal(tmp_path: Path) -> None:
+    """A wrong-size row (a hub's mistake) or one sealed with another key (a key file replaced) costs its own
+    template only: everyone else still loads and matches."""
+    database = open_database(tmp_path / "j.db", writer=True)
+    store = TemplateStore(database, Sealer.from_file(tmp_path / "t.key"))
+    people = {f"HS{i:03d}": unit() for i in range(5)}
+    for person, vector in people.items():
+        store.add(person, "sface", vector)
+    store.add("HS002", "sface", np.ones(512, dtype=np.float32))
+    TemplateStore(database, Sealer.from_file(tmp_path / "other.key")).add("HS009", "sface", unit())
+    loaded = store.load_matrix("sface", 128)
+    assert loaded.skipped == 2 and loaded.people == list(people) and loaded.rows.shape == (5, 128)
+    gallery = Gallery.from_rows(0.5, 0.05, loaded.rows, loaded.owners, loaded.people)
+    assert all(gallery.match(vector).person == person for person, vector in people.items())
+    assert store.load_matrix("sface", 512).people == ["HS002"]
 
 
 def test_load_matrix_takes_rows_enrolled_after_it_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

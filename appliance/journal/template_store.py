@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from appliance.journal.db import Database, immediate
-from appliance.journal.sealing import Sealer
+from appliance.journal.sealing import Sealer, SealingError
 
 
 def _context(person_id: str, model: str) -> str:
@@ -27,6 +27,7 @@ class LoadedTemplates(NamedTuple):
     people: list[str]
     owners: np.ndarray  # int32, one per row
     rows: np.ndarray  # float32 (n, dim), as stored (not normalised here)
+    skipped: int = 0  # stored rows left out: not of this model's size, or not openable with this key
 
 
 def _grown(array: np.ndarray, size: int) -> np.ndarray:
@@ -112,16 +113,26 @@ class TemplateStore:
         The daemon holds the whole school and runs for months: rows written one by one into a matrix
         allocated once at its final size leave no per-person arrays or growth copies behind to fragment
         its heap (the gallery adopts the matrix as it is).
+
+        A row that cannot be used (another size than ``dim``, or sealed with another key) is counted in
+        ``skipped`` and left out: one bad template must not cost the gate everyone else's faces.
         """
         expected = self.counts(model)[1]
         rows = np.empty((expected, dim), dtype=np.float32)
         owners = np.empty(expected, dtype=np.int32)
         people: list[str] = []
         index: dict[str, int] = {}
-        count = 0
-        for person_id, vector in self._opened(model):
+        count = skipped = 0
+        stored = self.conn.execute("SELECT person_id, sealed FROM templates WHERE model = ? ORDER BY id", [model])
+        for person_id, sealed in stored:
+            try:
+                vector = self._open(person_id, model, sealed)
+            except SealingError:
+                skipped += 1
+                continue
             if len(vector) != dim:
-                raise ValueError(f"a stored template has {len(vector)} values, this model makes {dim}")
+                skipped += 1
+                continue
             if count == len(rows):  # enrolled between the count and the read: rare, grow by an eighth
                 size = count + 64 + count // 8
                 rows, owners = _grown(rows, size), _grown(owners, size)
@@ -131,13 +142,16 @@ class TemplateStore:
                 people.append(person_id)
             rows[count], owners[count] = vector, owner
             count += 1
-        return LoadedTemplates(people, owners[:count], rows[:count])
+        return LoadedTemplates(people, owners[:count], rows[:count], skipped)
+
+    def _open(self, person_id: str, model: str, sealed: bytes) -> np.ndarray:
+        return np.frombuffer(self.sealer.open(sealed, _context(person_id, model)), dtype=np.float32)
 
     def _opened(self, model: str) -> Iterator[tuple[str, np.ndarray]]:
         """(person, template) of this model in enrollment order, decrypted one at a time."""
         rows = self.conn.execute("SELECT person_id, sealed FROM templates WHERE model = ? ORDER BY id", [model])
         for person_id, sealed in rows:
-            yield person_id, np.frombuffer(self.sealer.open(sealed, _context(person_id, model)), dtype=np.float32)
+            yield person_id, self._open(person_id, model, sealed)
 
     def counts(self, model: str | None = None) -> tuple[int, int]:
         """(people, templates), for one model or all."""

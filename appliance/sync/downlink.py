@@ -208,6 +208,7 @@ class Hooks:
     reload: Callable[[], str] | None = None
     resync: Callable[[int, int | None], int] | None = None
     rotate_logs: Callable[[], str] | None = None
+    template_size: Callable[[str], int | None] | None = None  # model -> values per template, None if not loaded
 
 
 @dataclass
@@ -395,6 +396,7 @@ class Downlink:
                 raise Refused(f"cannot open the template key {key_file}: {exc}") from None
             texts = self._open_templates(message) if "sealed" in body else body.get("set", {})
             new = {person: _vectors(person, person_texts) for person, person_texts in texts.items()}
+            self._check_size(body["model"], new)
             written, erased = TemplateStore(self.database, sealer).replace_many(
                 body["model"], new, body.get("remove", []), in_transaction=record
             )
@@ -402,6 +404,15 @@ class Downlink:
         if kind == "config":
             return self._apply_config(body, record)
         return self._command(body, record)
+
+    def _check_size(self, model: str, new: dict[str, np.ndarray]) -> None:
+        """Templates the gate's own model could never match (another size) are refused, not stored."""
+        size = self.hooks.template_size(model) if self.hooks.template_size is not None else None
+        if size is None:
+            return
+        for person, matrix in new.items():
+            if matrix.shape[1] != size:
+                raise Refused(f"body/set/{person}: templates have {matrix.shape[1]} values, {model} makes {size}")
 
     def _open_templates(self, message: dict[str, Any]) -> dict[str, list[str]]:
         """The ``set`` the hub sealed to this gate's key, checked against the schema like a clear one."""

@@ -54,6 +54,7 @@ class FaceService:
         self.templates = TemplateStore(database, Sealer.from_file(config.key_file))
         self.gallery = Gallery(config.match_threshold, config.match_margin, dim=self.pack.embedding_size)
         self.roster = RosterStore(database)
+        self.skipped = 0
         self._version = -1
         self.reload()
 
@@ -68,8 +69,17 @@ class FaceService:
         )
         self.gallery = gallery
         self._version = version
+        self.skipped = loaded.skipped
         release_free_heap()  # what decrypting the rows and the previous gallery left behind
         log.info("face gallery loaded: %d people, %d templates", gallery.people, len(gallery))
+        if loaded.skipped:
+            log.warning(
+                "face gallery: %d stored templates left out: not of %s's size (%d values) or sealed with another"
+                " key; enroll those people again or publish their templates from the hub again",
+                loaded.skipped,
+                self.engine.model_name,
+                self.pack.embedding_size,
+            )
         return True
 
     def enroller(self) -> Enroller:
