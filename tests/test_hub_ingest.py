@@ -178,6 +178,8 @@ def test_a_message_the_database_cannot_hold_never_blocks_the_others(hub_conn: Co
     assert stored == set(range(1, 12))
     assert ingest.stats.hook_failures == 1
     assert hub_conn.one("SELECT COUNT(*) FROM rejected_messages")[0] == 2
+    # Counted once each, as committed: the rolled-back whole batch counts nothing.
+    assert (ingest.stats.stored, ingest.stats.rejected, ingest.stats.by_device) == (11, 2, {"gate-01": 11})
     assert stream(hub_conn)[:2] == (11, 11)
 
 

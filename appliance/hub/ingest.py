@@ -19,7 +19,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
 from functools import cache
 from importlib import resources
@@ -211,6 +211,19 @@ class Ingest:
 
     def _store(self, batch: list[Incoming], hooks: bool = True) -> None:
         highest: dict[tuple[str, str, str], int] = {}  # per (device, journal, school): the batch's top seq
+        counted = replace(self.stats, by_device=dict(self.stats.by_device))
+        try:
+            self._store_in_transaction(batch, hooks, highest)
+        except Exception:
+            self.stats = counted  # rolled back: the retry counts these messages again
+            raise
+        self.stats.batches += 1
+        for message in batch:
+            message.acknowledge()
+
+    def _store_in_transaction(
+        self, batch: list[Incoming], hooks: bool, highest: dict[tuple[str, str, str], int]
+    ) -> None:
         with self.conn.transaction():
             for message in batch:
                 try:
@@ -228,9 +241,6 @@ class Ingest:
                     [device, journal, school, seq, _now()],
                 )
                 self._advance(device, journal, school)
-        self.stats.batches += 1
-        for message in batch:
-            message.acknowledge()
 
     def _record_rejection(self, message: Incoming, reason: str) -> None:
         self.stats.rejected += 1
