@@ -25,11 +25,12 @@ from sync_support import BASE, DEVICE, SCHOOL
 
 from appliance.cli import main
 from appliance.config import load_hub_config
+from appliance.hub.catch_up import gates_to_catch_up
 from appliance.hub.roster import hub_sealer, hub_templates, import_templates
 from appliance.hub.store import Connection, Store
 from appliance.journal import open_database
 from appliance.journal.roster_store import RosterStore
-from appliance.journal.sealing import Sealer
+from appliance.journal.sealing import Sealer, SealingError
 from appliance.journal.template_store import TemplateStore
 from appliance.sync.signing import load_private_key
 from appliance.sync.status import offline_status
@@ -62,6 +63,7 @@ def hub_toml(
     broker: Broker | None = None,
     pki: Pki | None = None,
     schools: tuple[str, ...] = (SCHOOL,),
+    catch_up_every: float = 0,
 ) -> Path:
     """hub.toml on the test's database, with a signing key made by `edugate sync keygen`."""
     key_file = tmp_path / "hub-signing.key"
@@ -74,7 +76,11 @@ def hub_toml(
     sections: dict[str, dict[str, Any]] = {
         "hub": {"id": "hub-test", "schools": list(schools)},
         "database": database,
-        "signing": {"key_file": str(key_file), "template_key_file": str(tmp_path / "hub-templates.key")},
+        "signing": {
+            "key_file": str(key_file),
+            "template_key_file": str(tmp_path / "hub-templates.key"),
+            "catch_up_every": catch_up_every,
+        },
         "api": {"enabled": False},
     }
     if broker is not None:
@@ -552,5 +558,98 @@ def test_templates_wait_for_the_gates_key_and_are_not_sent_in_clear(
         assert np.array_equal(vector, faces["HS001"][0])
         with pytest.raises(TransportSealError):
             open_sealed(gate_private_key(tmp_path / "another-gate.key"), message["body"]["sealed"], context)
+    finally:
+        conn.close()
+
+
+def test_the_hub_catches_up_a_gate_that_missed_the_publish_and_one_whose_key_changed(
+    hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki, gate_factory: Any
+) -> None:
+    """IT published before the gate was ever online (so no templates: its key was unknown), then replaced the
+    gate's template key file. `edugate hub run` sends the templates each time without another publish."""
+    config_path = hub_toml(tmp_path, hub_store, broker, pki, catch_up_every=1)
+    key = load_private_key(tmp_path / "hub-signing.key")
+    assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
+               SCHOOL, "--config", str(config_path)).exit_code == 0  # fmt: skip
+    faces = {"HS001": vectors(1), "GV001": vectors(3, count=2)}
+    conn = hub_store.connect()
+    hub = HubProcess(config_path)
+    try:
+        import_templates(conn, hub_sealer(load_hub_config(config_path), create=True), SCHOOL, {MODEL: faces})
+        result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
+        assert result.exit_code == 1 and "templates: NOT SENT" in result.stderr
+
+        hub.start(wait_for="sync: connected")
+        gate = gate_factory(broker, hub_key=key)
+        gate.start()
+
+        def templates_held() -> list[str]:
+            try:
+                return sorted(gate_templates(gate.journal, gate.face_key))
+            except SealingError:
+                return []
+
+        wait(lambda: templates_held() == ["GV001", "HS001"], 30, "templates caught up on the new gate")
+        assert sorted(gate_roster(gate.journal)) == sorted(ROWS)
+        first = public_text(gate_private_key(gate.face_key))
+        assert conn.one("SELECT sealed_to FROM published WHERE device = ? AND stream = 'templates'", [DEVICE]) == (
+            first,
+        )
+        roster_version = published(conn)[(DEVICE, "roster")][0]
+
+        # The gate's key file is replaced (a new SD card, say): its templates are sealed with the old one.
+        gate.stop()
+        gate.face_key.unlink()
+        gate.start()
+        wait(lambda: templates_held() == ["GV001", "HS001"], 30, "templates sealed again to the new key")
+        second = public_text(gate_private_key(gate.face_key))
+        assert second != first
+        held = gate_templates(gate.journal, gate.face_key)
+        assert all(np.array_equal(held[p], faces[p]) for p in faces)
+        assert published(conn)[(DEVICE, "roster")][0] == roster_version  # the unchanged roster is not sent again
+        assert any("catch-up" in line and "templates" in line for line in hub.stderr_lines)
+        assert not any("HS001" in line or "Nguyễn" in line for line in hub.stderr_lines)  # counts, never people
+    finally:
+        hub.stop()
+        conn.close()
+
+
+def test_catch_up_picks_gates_that_miss_a_stream_or_changed_key_and_never_retries_a_keyless_one(
+    hub_store: Store, tmp_path: Path
+) -> None:
+    config = load_hub_config(hub_toml(tmp_path, hub_store))
+    conn = hub_store.connect()
+    try:
+
+        def status(device: str, key: str | None) -> None:
+            data = {"device": device, "online": True} | ({"template_key": key} if key else {})
+            conn.execute(
+                "INSERT INTO devices(device, school, online, status, status_at) VALUES (?, ?, 1, ?, 'now') "
+                "ON CONFLICT(device) DO UPDATE SET status = excluded.status",
+                [device, SCHOOL, json.dumps(data)],
+            )
+
+        def sent(device: str, stream: str, sealed_to: str | None = None, digest: str = "d") -> None:
+            conn.execute(
+                "INSERT INTO published(device, stream, school, version, digest, sealed_to, published_at) "
+                "VALUES (?, ?, ?, 1, ?, ?, 'now')",
+                [device, stream, SCHOOL, digest, sealed_to],
+            )
+
+        status("gate-01", "K1")
+        status("gate-02", None)
+        assert gates_to_catch_up(conn, config) == {}  # nothing was ever published to the school: IT has not begun
+        sent("gate-01", "roster")
+        sent("gate-01", "templates", "K1")
+        assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-02"]}  # known since, never sent anything
+        sent("gate-02", "roster")
+        assert gates_to_catch_up(conn, config) == {}  # its templates wait for its key, not retried every round
+        status("gate-02", "K2")
+        assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-02"]}
+        sent("gate-02", "templates", "K2")
+        status("gate-01", "K3")  # gate-01's key file was replaced
+        assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}
+        conn.execute("UPDATE published SET sealed_to = 'K3', digest = '' WHERE device = 'gate-01'")
+        assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}  # a send not acknowledged is not held
     finally:
         conn.close()

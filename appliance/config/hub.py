@@ -99,6 +99,12 @@ class SigningConfig(Section):
         Path("/var/lib/edugate-hub/templates.key"),
         description="AES key sealing the face templates in the hub's database (created 0600 on first use)",
     )
+    catch_up_every: float = Field(
+        60.0,
+        ge=0,
+        description="seconds between the hub's looks for gates that missed a roster publish (a new gate, a "
+        "replaced template key), which then get it; 0: only `edugate hub roster publish` sends",
+    )
 
 
 class AttendanceConfig(Section):

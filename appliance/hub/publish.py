@@ -20,7 +20,13 @@ Versions grow per (gate, stream) in ``published``: the Unix time of the publish,
 version + 1 if that is larger, so a hub whose database was rebuilt or restored from a backup still
 sends versions newer than what the gates hold. The version is recorded before the message leaves
 (with an empty digest: not confirmed) and the content's digest once the broker acknowledged it, so
-a version is never used twice and an unchanged stream is not sent again unless forced.
+a version is never used twice and an unchanged stream is not sent again unless forced. A templates
+set is also recorded with the gate key it was sealed to (``sealed_to``): a gate whose key file was
+replaced has changed, and gets the set again sealed to its new key.
+
+Gate keys come from the ``devices`` table (the statuses the hub's ingest stored) and, for gates it
+holds none for, from their retained status on the broker. ``appliance.hub.catch_up`` publishes by
+itself to the gates that missed a publish.
 """
 
 from __future__ import annotations
@@ -75,6 +81,11 @@ def digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
+def sealed_stream(stream: str, body: dict[str, Any]) -> bool:
+    """Templates are sealed to the gate's key; a message that only erases carries none to seal."""
+    return stream == "templates" and bool(body.get("set"))
+
+
 @dataclass
 class Item:
     """One message for one gate and stream, and what became of it."""
@@ -87,6 +98,7 @@ class Item:
     version: int | None = None
     size: int = 0
     nonce: str | None = None
+    sealed_to: str | None = None  # the gate's template key a templates set is sealed to
     state: str = "unchanged"  # unchanged | pending | sent | offline (retained, no subscriber now) | failed
     error: str | None = None
     result: dict[str, Any] | None = None
@@ -95,8 +107,7 @@ class Item:
 
     @property
     def needs_gate_key(self) -> bool:
-        """Templates are sealed to the gate's key; a message that only erases carries none to seal."""
-        return self.stream == "templates" and bool(self.body and self.body.get("set"))
+        return self.body is not None and sealed_stream(self.stream, self.body)
 
     @property
     def delivered(self) -> bool:
@@ -145,10 +156,11 @@ def templates_body(conn: Connection, config: HubConfig, school: str, model: str 
 
 
 def plan_school(
-    conn: Connection, config: HubConfig, school: str, extra: Iterable[str], model: str | None
+    conn: Connection, config: HubConfig, school: str, extra: Iterable[str], model: str | None, only: bool = False
 ) -> SchoolPlan:
-    """What each gate of the school should hold; refuses an empty roster (it would deactivate everyone)."""
-    devices = sorted(set(known_devices(conn, school)) | set(extra))
+    """What each gate of the school (or, with ``only``, each gate in ``extra``) should hold; refuses an empty
+    roster (it would deactivate everyone)."""
+    devices = sorted(set(extra) if only else set(known_devices(conn, school)) | set(extra))
     people = roster_people(conn, school)
     if not people:
         raise PublishError(f"{school}: no roster at the hub; run `edugate hub roster import FILE --school {school}`")
@@ -173,9 +185,24 @@ def plan_school(
     return SchoolPlan(school, devices, bodies, notes)
 
 
-def _previous(conn: Connection, device: str, stream: str) -> tuple[int, str] | None:
-    row = conn.one("SELECT version, digest FROM published WHERE device = ? AND stream = ?", [device, stream])
-    return (int(row[0]), str(row[1])) if row else None
+def _previous(conn: Connection, device: str, stream: str) -> tuple[int, str, str | None] | None:
+    """(version, digest, sealed_to) of what was last published to the gate on this stream."""
+    row = conn.one("SELECT version, digest, sealed_to FROM published WHERE device = ? AND stream = ?", [device, stream])
+    return (int(row[0]), str(row[1]), row[2]) if row else None
+
+
+def stored_gate_keys(conn: Connection, schools: Iterable[str]) -> dict[tuple[str, str], str]:
+    """(school, gate) -> template key, from the last status of each gate the hub's ingest stored."""
+    keys: dict[tuple[str, str], str] = {}
+    for school in schools:
+        for device, status in conn.all("SELECT device, status FROM devices WHERE school = ?", [school]):
+            try:
+                key = json.loads(status).get("template_key")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(key, str):
+                keys[(school, device)] = key
+    return keys
 
 
 def next_version(previous: int | None) -> int:
@@ -187,31 +214,38 @@ def _record(conn: Connection, item: Item, confirmed: bool) -> None:
     assert item.version is not None
     with conn.transaction():
         conn.execute(
-            "INSERT INTO published(device, stream, school, version, digest, published_at) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(device, stream) DO UPDATE SET school = excluded.school, version = excluded.version, "
-            "digest = excluded.digest, published_at = excluded.published_at",
+            "INSERT INTO published(device, stream, school, version, digest, sealed_to, published_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, stream) DO UPDATE SET school = excluded.school, "
+            "version = excluded.version, digest = excluded.digest, sealed_to = excluded.sealed_to, "
+            "published_at = excluded.published_at",
             [
                 item.device,
                 item.stream,
                 item.school,
                 item.version,
                 item.digest if confirmed else "",
+                item.sealed_to if confirmed else None,
                 datetime.now(UTC).isoformat(timespec="seconds"),
             ],
         )
 
 
-def build_items(conn: Connection, plan: SchoolPlan, force: bool) -> list[Item]:
-    """An item for every gate and stream; pending where the content changed (all of them with ``force``).
+def build_items(
+    conn: Connection, plan: SchoolPlan, force: bool, gate_keys: dict[tuple[str, str], str] | None = None
+) -> list[Item]:
+    """An item for every gate and stream; pending where the content or the gate's key changed (all with ``force``).
 
-    The digest is of the clear content, so sealing (new ciphertext every time) never makes it look changed.
+    The digest is of the clear content, so sealing (new ciphertext every time) never makes it look changed;
+    a templates set sealed to a key the gate no longer has does.
     """
     items = []
     for device in plan.devices:
         for stream, (body, summary) in plan.bodies.items():
             item = Item(plan.school, device, stream, summary, digest(body))
+            if sealed_stream(stream, body):
+                item.sealed_to = (gate_keys or {}).get((plan.school, device))
             previous = _previous(conn, device, stream)
-            if previous is not None and previous[1] == item.digest and not force:
+            if previous is not None and previous[1:] == (item.digest, item.sealed_to) and not force:
                 item.version = previous[0]
                 items.append(item)
                 continue
@@ -222,8 +256,8 @@ def build_items(conn: Connection, plan: SchoolPlan, force: bool) -> list[Item]:
     return items
 
 
-def sign_items(items: list[Item], key: Ed25519PrivateKey, gate_keys: dict[tuple[str, str], str]) -> None:
-    """Seal templates to each gate's key (from its status), sign, and serialise every pending item."""
+def sign_items(items: list[Item], key: Ed25519PrivateKey) -> None:
+    """Seal templates to each gate's key (``sealed_to``, from its status), sign, and serialise every pending item."""
     for item in items:
         if item.state != "pending" or item.body is None:
             continue
@@ -231,7 +265,7 @@ def sign_items(items: list[Item], key: Ed25519PrivateKey, gate_keys: dict[tuple[
         kind = "roster.snapshot" if item.stream == "roster" else "templates"
         message = new_message(kind, item.school, item.device, body, version=item.version)
         if item.needs_gate_key:
-            recipient = gate_keys.get((item.school, item.device))
+            recipient = item.sealed_to
             if recipient is None:
                 item.state = "failed"
                 item.error = (
@@ -461,17 +495,22 @@ def publish(
     model: str | None = None,
     wait: float = 0.0,
     ack_timeout: float = 30.0,
+    only: bool = False,
 ) -> PublishReport:
-    """Plan, sign, send and (with ``wait``) collect the gates' answers; the report says what happened per gate."""
+    """Plan, sign, send and (with ``wait``) collect the gates' answers; the report says what happened per gate.
+
+    ``devices`` are published to besides the known gates, or instead of them with ``only``.
+    """
     report = PublishReport()
     extra = list(devices)
     schools = schools_to_publish(conn, config, school)
     if extra and len(schools) > 1:
         # A gate may read every school's downlink under its own name (the ACL does not check the school level).
         raise PublishError(f"this hub serves {len(schools)} schools: name the gate's school with --school")
+    plans: list[SchoolPlan] = []
     for name in schools:
         try:
-            plan = plan_school(conn, config, name, extra, model)
+            plan = plan_school(conn, config, name, extra, model, only)
         except (PublishError, TemplateKeyError) as exc:
             report.errors.append(str(exc))
             continue
@@ -480,15 +519,26 @@ def publish(
             report.notes.append(
                 f"{name}: no known gates (a gate is known once the hub has its status; name one with --device)"
             )
-        report.items += build_items(conn, plan, force)
-    pending = [i for i in report.items if i.state == "pending"]
-    if not pending:
-        return report
-    session = BrokerSession(config)
-    session.connect()
+        plans.append(plan)
+    keys = stored_gate_keys(conn, [plan.school for plan in plans])
+    unknown = {
+        (plan.school, device)
+        for plan in plans
+        if "templates" in plan.bodies and sealed_stream("templates", plan.bodies["templates"][0])
+        for device in plan.devices
+    } - set(keys)
+    session: BrokerSession | None = None
     try:
-        sealed_for = {(i.school, i.device) for i in pending if i.needs_gate_key}
-        sign_items(pending, key, session.gate_keys(config.mqtt.topic_prefix, sealed_for) if sealed_for else {})
+        if unknown:  # gates the hub's ingest holds no status for: their retained status may have the key
+            session = _connected(config)
+            keys |= session.gate_keys(config.mqtt.topic_prefix, unknown)
+        for plan in plans:
+            report.items += build_items(conn, plan, force, keys)
+        pending = [i for i in report.items if i.state == "pending"]
+        if not pending:
+            return report
+        session = session or _connected(config)
+        sign_items(pending, key)
         pending = [i for i in pending if i.state == "pending"]
         if wait > 0:
             for name in sorted({i.school for i in pending}):
@@ -503,5 +553,12 @@ def publish(
     except OSError as exc:
         raise PublishError(f"the connection to the broker failed: {exc}") from None
     finally:
-        session.close()
+        if session is not None:
+            session.close()
     return report
+
+
+def _connected(config: HubConfig) -> BrokerSession:
+    session = BrokerSession(config)
+    session.connect()
+    return session

@@ -97,6 +97,10 @@ class HubService:
         from appliance.hub.jobs import daily_jobs
 
         self.components.append(daily_jobs(self.store, self.config, ready=self.caught_up))
+        if self.key is not None and self.config.signing.catch_up_every > 0:
+            from appliance.hub.catch_up import CatchUpWorker
+
+            self.components.append(CatchUpWorker(self.store, self.config, self.key, self.config.signing.catch_up_every))
         if self.config.api.enabled:
             from appliance.hub.api import api_server
 

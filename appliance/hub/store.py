@@ -106,6 +106,7 @@ TABLES = [
         school TEXT NOT NULL,
         version BIGINT NOT NULL,
         digest TEXT NOT NULL,
+        sealed_to TEXT,
         published_at TEXT NOT NULL,
         PRIMARY KEY (device, stream)
     )""",

@@ -1,0 +1,130 @@
+"""Gates that missed a publish get it without waiting for IT: ``edugate hub run`` looks every
+``signing.catch_up_every`` seconds.
+
+A gate installed after the last ``edugate hub roster publish`` is known to the hub from its first
+status, but the roster and templates were sent to the gates known then. A gate whose template key
+file was replaced holds templates it can no longer open. Either way the school's current roster and
+templates are published to that gate, and only to it (unchanged streams are not sent again, so a
+round with nothing due sends nothing and does not even connect).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from appliance.config import HubConfig
+from appliance.hub.publish import PublishError, PublishReport, known_devices, publish, stored_gate_keys
+from appliance.hub.roster import template_models
+from appliance.hub.store import Connection, Store
+
+log = logging.getLogger(__name__)
+
+
+def gates_to_catch_up(conn: Connection, config: HubConfig) -> dict[str, list[str]]:
+    """school -> gates that lack a stream of a school IT has published to, or hold templates sealed to a key they
+    replaced.
+
+    A school is published to once any of its gates was sent something. Its streams are the roster, and the
+    templates when the hub holds some or sent some. A gate whose templates cannot be sealed yet (no key in its
+    status) is not due for them, so a gate that never says its key is not tried every round.
+    """
+    due: dict[str, list[str]] = {}
+    schools = config.hub.schools or [r[0] for r in conn.all("SELECT DISTINCT school FROM published ORDER BY school")]
+    keys = stored_gate_keys(conn, schools)
+    for school in schools:
+        sent = {
+            r[0] for r in conn.all("SELECT DISTINCT stream FROM published WHERE school = ? AND digest <> ''", [school])
+        }
+        if not sent:
+            continue
+        expected = {"roster"} | ({"templates"} if template_models(conn, school) or "templates" in sent else set())
+        for device in known_devices(conn, school):
+            held = {
+                stream: sealed_to
+                for stream, sealed_to in conn.all(
+                    "SELECT stream, sealed_to FROM published WHERE device = ? AND school = ? AND digest <> ''",
+                    [device, school],
+                )
+            }
+            key = keys.get((school, device))
+            missing = expected - set(held)
+            if "templates" in missing and key is None:
+                missing.discard("templates")
+            rekeyed = held.get("templates") is not None and key is not None and key != held["templates"]
+            if missing or rekeyed:
+                due.setdefault(school, []).append(device)
+    return due
+
+
+def catch_up(conn: Connection, config: HubConfig, key: Ed25519PrivateKey) -> PublishReport:
+    """Publish to the gates that missed what their school was sent (see ``gates_to_catch_up``), and only to them."""
+    report = PublishReport()
+    for school, devices in gates_to_catch_up(conn, config).items():
+        try:
+            done = publish(conn, config, key, school=school, devices=devices, only=True)
+        except PublishError as exc:
+            report.errors.append(f"{school}: {exc}")
+            continue
+        report.items += done.items
+        report.errors += done.errors
+    return report
+
+
+class CatchUpWorker:
+    """One thread, one database connection; a round every ``every`` seconds, the first one at once."""
+
+    def __init__(self, store: Store, config: HubConfig, key: Ed25519PrivateKey, every: float) -> None:
+        self.store = store
+        self.config = config
+        self.key = key
+        self.every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: Connection | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="catch-up", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+            self._thread = None
+
+    def run_once(self) -> PublishReport:
+        if self._conn is not None and self._conn.broken:
+            self._conn.close()
+            self._conn = None
+        if self._conn is None:
+            self._conn = self.store.connect()
+        report = catch_up(self._conn, self.config, self.key)
+        for item in report.items:
+            if item.state != "unchanged":
+                log.info(
+                    "hub: catch-up %s/%s %s version %s: %s",
+                    item.school,
+                    item.device,
+                    item.stream,
+                    item.version,
+                    item.error or item.state,
+                )
+        for error in report.errors:
+            log.warning("hub: catch-up: %s", error)
+        return report
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.run_once()
+                except Exception:
+                    log.exception("hub: catch-up round failed; next round in %.0f s", self.every)
+                self._stop.wait(self.every)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
