@@ -199,13 +199,15 @@ def test_gate_without_hub_key_obeys_nothing(gate: Downlink, hub: Hub) -> None:
     refused_unchanged(gate, hub.message("roster.snapshot", {"people": []}, version=1), "no hub public key")
 
 
+def b64(rows: np.ndarray) -> list[str]:
+    """Templates as the downlink carries them."""
+    return [base64.b64encode(r.tobytes()).decode() for r in rows]
+
+
 def test_templates_are_sealed_and_replace_a_persons_rows(gate: Downlink, hub: Hub, tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     first = rng.standard_normal((2, 128)).astype("<f4")
     second = rng.standard_normal((1, 128)).astype("<f4")
-
-    def b64(rows: np.ndarray) -> list[str]:
-        return [base64.b64encode(r.tobytes()).decode() for r in rows]
 
     assert send(gate, hub.message("templates", {"model": "m1", "set": {"HS1": b64(first)}}, version=1))["ok"]
     assert send(gate, hub.message("templates", {"model": "m1", "set": {"HS1": b64(second)}}, version=2))["ok"]
@@ -229,9 +231,6 @@ def test_templates_the_running_model_cannot_match_are_refused(gate: Downlink, hu
     rng = np.random.default_rng(3)
     good = rng.standard_normal((1, 128)).astype("<f4")
     wide = rng.standard_normal((2, 512)).astype("<f4")
-
-    def b64(rows: np.ndarray) -> list[str]:
-        return [base64.b64encode(r.tobytes()).decode() for r in rows]
 
     assert send(gate, hub.message("templates", {"model": "m1", "set": {"HS1": b64(good)}}, version=1))["ok"]
     body = {"model": "m1", "set": {"HS2": b64(good), "HS3": b64(wide)}}

@@ -11,13 +11,13 @@ round with nothing due sends nothing and does not even connect).
 from __future__ import annotations
 
 import logging
-import threading
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.config import HubConfig
 from appliance.hub.publish import PublishError, PublishReport, known_devices, publish, stored_gate_keys
 from appliance.hub.roster import template_models
+from appliance.hub.rounds import RoundWorker
 from appliance.hub.store import Connection, Store
 
 log = logging.getLogger(__name__)
@@ -73,36 +73,18 @@ def catch_up(conn: Connection, config: HubConfig, key: Ed25519PrivateKey) -> Pub
     return report
 
 
-class CatchUpWorker:
+class CatchUpWorker(RoundWorker):
     """One thread, one database connection; a round every ``every`` seconds, the first one at once."""
 
+    name = "catch-up"
+
     def __init__(self, store: Store, config: HubConfig, key: Ed25519PrivateKey, every: float) -> None:
-        self.store = store
+        super().__init__(store, every)
         self.config = config
         self.key = key
-        self.every = every
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: Connection | None = None
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="catch-up", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(60)
-            self._thread = None
 
     def run_once(self) -> PublishReport:
-        if self._conn is not None and self._conn.broken:
-            self._conn.close()
-            self._conn = None
-        if self._conn is None:
-            self._conn = self.store.connect()
-        report = catch_up(self._conn, self.config, self.key)
+        report = catch_up(self._connection(), self.config, self.key)
         for item in report.items:
             if item.state != "unchanged":
                 log.info(
@@ -116,15 +98,3 @@ class CatchUpWorker:
         for error in report.errors:
             log.warning("hub: catch-up: %s", error)
         return report
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    self.run_once()
-                except Exception:
-                    log.exception("hub: catch-up round failed; next round in %.0f s", self.every)
-                self._stop.wait(self.every)
-        finally:
-            if self._conn is not None:
-                self._conn.close()

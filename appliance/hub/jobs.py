@@ -28,6 +28,7 @@ from datetime import UTC, date, datetime, timedelta
 from appliance.config import HubConfig
 from appliance.hub.attendance import ABSENT_UNEXCUSED, class_day, classes, cutoff, is_school_day, schools
 from appliance.hub.resync import MAX_ATTEMPTS, current_journal
+from appliance.hub.rounds import RoundWorker
 from appliance.hub.store import Connection, Store
 
 log = logging.getLogger(__name__)
@@ -181,55 +182,21 @@ def run_report(
     return True
 
 
-class DailyJobs:
+class DailyJobs(RoundWorker):
     """One thread, one database connection; a round every ``tick`` seconds (and at once when started)."""
+
+    name = "daily-jobs"
 
     def __init__(
         self, store: Store, config: HubConfig, tick: float = TICK, ready: Callable[[], bool] = lambda: True
     ) -> None:
-        self.store = store
+        super().__init__(store, tick)
         self.config = config
-        self.tick = tick
         # Whether the hub has taken in what the broker held for it: after a restart at 9:00 the morning's
         # arrivals are still queued, and deciding before they are in would mark present students absent.
         self.ready = ready
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: Connection | None = None
         self._failed: dict[str, float] = {}
         self._exported: set[str] = set()
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="daily-jobs", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-            self._thread = None
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    self.run_once()
-                except Exception:
-                    log.exception("daily jobs: round failed; next round in %.0f s", self.tick)
-                    if self._conn is not None and self._conn.broken:
-                        self._conn.close()
-                        self._conn = None
-                self._stop.wait(self.tick)
-        finally:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def _connection(self) -> Connection:
-        if self._conn is None:
-            self._conn = self.store.connect()
-        return self._conn
 
     def _guarded(self, key: str, job: Callable[[], object]) -> None:
         """Run one job; one that raised waits ``RETRY_FAILED_AFTER`` before it is tried again (no log flood)."""
@@ -242,9 +209,7 @@ class DailyJobs:
         except Exception:
             self._failed[key] = time.monotonic()
             log.exception("daily jobs: %s failed; trying again in %.0f s", key, RETRY_FAILED_AFTER)
-            if self._conn is not None and self._conn.broken:
-                self._conn.close()
-                self._conn = None
+            self._drop_if_broken()
 
     def _report(self, school: str, day: date) -> None:
         """Export once per process and day; the push may take several rounds (retries, another instance)."""
