@@ -24,8 +24,8 @@ from appliance.journal.roster_store import RosterStore
 from appliance.journal.sealing import Sealer
 from appliance.journal.template_store import TemplateStore
 from appliance.sync.downlink import Downlink, Hooks, downlink_schema, new_message, overlay, stream_version
+from appliance.sync.sealed_transport import gate_private_key, public_text, seal, sealed_context
 from appliance.sync.signing import canonical, parse_public_key, public_key_text, sign
-from appliance.sync.template_transport import gate_private_key, public_text, seal, sealed_context
 from appliance.sync.topics import Topics
 
 SCHOOL, DEVICE = "thcs-a", "gate-01"
@@ -242,6 +242,38 @@ def test_templates_the_running_model_cannot_match_are_refused(gate: Downlink, hu
     other = send(gate, hub.message("templates", {"model": "m2", "set": {"HS3": b64(wide)}}, version=3))
     assert other["ok"]  # a model not running here is kept for when it is: its size is not known
     assert store.load("m2")["HS3"].shape == (2, 512)
+
+
+def test_a_sealed_roster_opens_only_for_this_gate_and_kind_and_is_checked_like_a_clear_one(
+    gate: Downlink, hub: Hub, tmp_path: Path
+) -> None:
+    mine = public_text(gate_private_key(tmp_path / "templates.key"))
+    other = public_text(gate_private_key(tmp_path / "other.key"))
+    people = [person("HS1", "Nguyễn Văn An", ["04A1B2C3"]), person("HS2", "Bình", ["04A1B2C4"])]
+
+    def sealed(kind: str, field: str, content: Any, version: int, to: str = mine, **kw: Any) -> dict[str, Any]:
+        context = sealed_context({"type": kind, "school": SCHOOL, "device": DEVICE, "body": {}, "version": version})
+        body = {"sealed": seal(to, json.dumps(content).encode(), context)}
+        message = hub.message(kind, body, version=version, **kw)
+        assert field not in message["body"]
+        return message
+
+    refused_unchanged(gate, sealed("roster.snapshot", "people", people, 1, to=other), "another template key")
+    moved = sealed("roster.delta", "upsert", people, 1, base_version=0)["body"]  # a delta's sealed people
+    refused_unchanged(gate, hub.message("roster.snapshot", moved, version=1), "do not open")  # bound to its kind
+    nameless = [{"id": "HS1", "role": "student"}]
+    refused_unchanged(gate, sealed("roster.snapshot", "people", nameless, 1), "sealed roster: body/people/0")
+    assert send(gate, sealed("roster.snapshot", "people", people, 1))["ok"]
+    assert roster(gate) == {"HS1": (True, ("04A1B2C3",)), "HS2": (True, ("04A1B2C4",))}
+    upsert = [person("HS3", "Cường", ["04A1B2C5"])]
+    assert send(gate, sealed("roster.delta", "upsert", upsert, 2, base_version=1))["ok"]
+    assert set(roster(gate)) == {"HS1", "HS2", "HS3"}
+    both = hub.message(
+        "roster.snapshot",
+        {"people": people, "sealed": sealed("roster.snapshot", "p", [], 3)["body"]["sealed"]},
+        version=3,
+    )
+    refused_unchanged(gate, both, "body")
 
 
 def test_sealed_templates_open_only_for_this_gate_and_message(gate: Downlink, hub: Hub, tmp_path: Path) -> None:

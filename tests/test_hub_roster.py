@@ -26,21 +26,22 @@ from sync_support import BASE, DEVICE, SCHOOL
 from appliance.cli import main
 from appliance.config import load_hub_config
 from appliance.hub.catch_up import gates_to_catch_up
+from appliance.hub.publish import PUBLISHED_MARK
 from appliance.hub.roster import hub_sealer, hub_templates, import_templates
 from appliance.hub.store import Connection, Store
 from appliance.journal import open_database
 from appliance.journal.roster_store import RosterStore
 from appliance.journal.sealing import Sealer, SealingError
 from appliance.journal.template_store import TemplateStore
-from appliance.sync.signing import load_private_key
-from appliance.sync.status import offline_status
-from appliance.sync.template_transport import (
+from appliance.sync.sealed_transport import (
     TransportSealError,
     gate_private_key,
     open_sealed,
     public_text,
     sealed_context,
 )
+from appliance.sync.signing import load_private_key
+from appliance.sync.status import offline_status
 
 MODEL = "sface-test"
 HEADER = "STT,Mã học sinh,Họ và tên,Lớp,Vai trò,Mã thẻ,SĐT phụ huynh,Email phụ huynh,Trạng thái\n"
@@ -385,12 +386,17 @@ def test_an_offline_gate_gets_the_retained_roster_when_it_starts(
     # No gate has ever connected: the hub knows none, so it is named.
     result = cli("hub", "roster", "publish", "--config", str(config))
     assert result.exit_code == 0 and "no known gates" in result.stdout
+    # A gate that was never online: its key is unknown, and nothing goes to it in clear.
+    result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config))
+    assert result.exit_code == 1 and "roster: NOT SENT: the gate's template key is unknown" in result.stderr
+    # Once it has been online (its will keeps its key on the broker), it is sent the roster while away.
+    gate = gate_factory(broker, hub_key=key)
+    announce_key(broker, gate.face_key)
     result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config))
     assert result.exit_code == 0, result.output
     assert "roster: version" in result.stdout and "gate offline: it gets it when it connects" in result.stdout
     assert "no face templates at the hub" in result.stdout
 
-    gate = gate_factory(broker, hub_key=key)
     gate.start()
     wait(lambda: len(gate_roster(gate.journal)) == 4, 20, "the retained roster applied at start")
     version = gate_meta(gate.journal, "downlink.roster")
@@ -416,23 +422,25 @@ def test_a_tampered_retained_roster_is_refused_and_force_restores_it(
     key = load_private_key(tmp_path / "hub-signing.key")
     assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
                SCHOOL, "--config", str(config)).exit_code == 0  # fmt: skip
-    assert cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config)).exit_code == 0
     gate = gate_factory(broker, hub_key=key)
+    announce_key(broker, gate.face_key)
+    assert cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config)).exit_code == 0
     gate.start()
     wait(lambda: len(gate_roster(gate.journal)) == 4, 20, "roster applied")
     gate.stop()
 
-    # Anyone holding the gate's login can read the retained message; the hub's login can overwrite it.
+    # Anyone holding the gate's login can read the retained message: ciphertext, no name or card in it.
     reader = MqttPeer(broker, DEVICE, BROKER_USERS[DEVICE])
     reader.connect()
     reader.subscribe(f"{BASE}/downlink/roster")
     reader.wait_for(lambda m: len(m) == 1, 10)
-    original = json.loads(reader.messages()[0].payload)
+    raw = reader.messages()[0].payload
+    original = json.loads(raw)
     reader.close()
-    altered = json.loads(json.dumps(original))
-    thief = next(p for p in altered["body"]["people"] if p["id"] == "HS003")
-    thief["cards"].append("0BADCAFE")  # a card of someone else's, to walk in as HS003
-    altered["version"] += 1
+    assert set(original["body"]) == {"sealed"} and b"04A1B2C5" not in raw and "Lê Hoàng".encode() not in raw
+    # The hub's login can overwrite it: with a roster of its own making, HS003 holding someone else's card.
+    people = [{"id": "HS003", "full_name": "Lê Hoàng Cường", "role": "student", "cards": ["04A1B2C5", "0BADCAFE"]}]
+    altered = {**original, "body": {"people": people}, "version": original["version"] + 1}
     hub_peer = MqttPeer(broker, "hub", BROKER_USERS["hub"])
     hub_peer.connect()
     hub_peer.publish(f"{BASE}/downlink/roster", json.dumps(altered).encode(), retain=True)
@@ -530,8 +538,8 @@ def test_publish_refuses_without_a_roster_or_a_signing_key(hub_store: Store, tmp
 def test_templates_wait_for_the_gates_key_and_are_not_sent_in_clear(
     hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki
 ) -> None:
-    """A gate that never said its template key gets the roster but no templates; once its status has the
-    key, the templates go, sealed to it, and open only with that gate's key."""
+    """A gate that never said its template key gets neither roster nor templates; once its status has the
+    key, both go, sealed to it, and open only with that gate's key."""
     config_path = hub_toml(tmp_path, hub_store, broker, pki)
     assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
                SCHOOL, "--config", str(config_path)).exit_code == 0  # fmt: skip
@@ -542,14 +550,14 @@ def test_templates_wait_for_the_gates_key_and_are_not_sent_in_clear(
         result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
         assert result.exit_code == 1
         assert "templates: NOT SENT: the gate's template key is unknown" in result.stderr
-        assert "roster: version" in result.stdout
-        assert published(conn).get((DEVICE, "templates"), (0, ""))[1] == ""
+        assert "roster: NOT SENT: the gate's template key is unknown" in result.stderr
+        assert published(conn) == {}
 
         key_file = tmp_path / "gate-templates.key"
         announce_key(broker, key_file)
         result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
         assert result.exit_code == 0, result.output
-        assert "templates: version" in result.stdout
+        assert "templates: version" in result.stdout and "roster: version" in result.stdout
         message = retained_templates(broker)
         context = sealed_context(message)
         opened = json.loads(open_sealed(gate_private_key(key_file), message["body"]["sealed"], context))
@@ -565,8 +573,9 @@ def test_templates_wait_for_the_gates_key_and_are_not_sent_in_clear(
 def test_the_hub_catches_up_a_gate_that_missed_the_publish_and_one_whose_key_changed(
     hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki, gate_factory: Any
 ) -> None:
-    """IT published before the gate was ever online (so no templates: its key was unknown), then replaced the
-    gate's template key file. `edugate hub run` sends the templates each time without another publish."""
+    """IT published before the gate was ever online (so nothing was sent: its key was unknown), then replaced
+    the gate's template key file. `edugate hub run` sends roster and templates each time, without another
+    publish, sealed to the key the gate has."""
     config_path = hub_toml(tmp_path, hub_store, broker, pki, catch_up_every=1)
     key = load_private_key(tmp_path / "hub-signing.key")
     assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
@@ -577,7 +586,7 @@ def test_the_hub_catches_up_a_gate_that_missed_the_publish_and_one_whose_key_cha
     try:
         import_templates(conn, hub_sealer(load_hub_config(config_path), create=True), SCHOOL, {MODEL: faces})
         result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
-        assert result.exit_code == 1 and "templates: NOT SENT" in result.stderr
+        assert result.exit_code == 1 and "templates: NOT SENT" in result.stderr and "roster: NOT SENT" in result.stderr
 
         hub.start(wait_for="sync: connected")
         gate = gate_factory(broker, hub_key=key)
@@ -589,12 +598,13 @@ def test_the_hub_catches_up_a_gate_that_missed_the_publish_and_one_whose_key_cha
             except SealingError:
                 return []
 
+        def sealed_to() -> set[str]:
+            return {r[0] for r in conn.all("SELECT sealed_to FROM published WHERE device = ?", [DEVICE])}
+
         wait(lambda: templates_held() == ["GV001", "HS001"], 30, "templates caught up on the new gate")
-        assert sorted(gate_roster(gate.journal)) == sorted(ROWS)
+        wait(lambda: sorted(gate_roster(gate.journal)) == sorted(ROWS), 10, "roster caught up on the new gate")
         first = public_text(gate_private_key(gate.face_key))
-        assert conn.one("SELECT sealed_to FROM published WHERE device = ? AND stream = 'templates'", [DEVICE]) == (
-            first,
-        )
+        assert sealed_to() == {first}
         roster_version = published(conn)[(DEVICE, "roster")][0]
 
         # The gate's key file is replaced (a new SD card, say): its templates are sealed with the old one.
@@ -606,7 +616,10 @@ def test_the_hub_catches_up_a_gate_that_missed_the_publish_and_one_whose_key_cha
         assert second != first
         held = gate_templates(gate.journal, gate.face_key)
         assert all(np.array_equal(held[p], faces[p]) for p in faces)
-        assert published(conn)[(DEVICE, "roster")][0] == roster_version  # the unchanged roster is not sent again
+        wait(lambda: sealed_to() == {second}, 10, "roster sealed again to the new key")
+        version = published(conn)[(DEVICE, "roster")][0]
+        assert version > roster_version
+        wait(lambda: gate_meta(gate.journal, "downlink.roster") == str(version), 10, "the new roster version applied")
         assert any("catch-up" in line and "templates" in line for line in hub.stderr_lines)
         assert not any("HS001" in line or "Nguyễn" in line for line in hub.stderr_lines)  # counts, never people
     finally:
@@ -614,7 +627,7 @@ def test_the_hub_catches_up_a_gate_that_missed_the_publish_and_one_whose_key_cha
         conn.close()
 
 
-def test_catch_up_picks_gates_that_miss_a_stream_or_changed_key_and_never_retries_a_keyless_one(
+def test_catch_up_picks_gates_that_miss_a_stream_or_changed_key_and_never_tries_a_keyless_one(
     hub_store: Store, tmp_path: Path
 ) -> None:
     config = load_hub_config(hub_toml(tmp_path, hub_store))
@@ -638,15 +651,22 @@ def test_catch_up_picks_gates_that_miss_a_stream_or_changed_key_and_never_retrie
 
         status("gate-01", "K1")
         status("gate-02", None)
-        assert gates_to_catch_up(conn, config) == {}  # nothing was ever published to the school: IT has not begun
-        sent("gate-01", "roster")
+        sent("gate-01", "roster", "K1")
+        assert gates_to_catch_up(conn, config) == {}  # IT has not published to the school: nothing is due
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, 'now')", [PUBLISHED_MARK + SCHOOL])
+        assert gates_to_catch_up(conn, config) == {}  # gate-01 holds the roster; gate-02's key is unknown
+        conn.execute(
+            "INSERT INTO templates(school, person, model, sealed, updated_at) VALUES (?, 'HS1', 'm', 'x', 'n')",
+            [SCHOOL],
+        )
+        assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}  # the hub has templates it never sent
         sent("gate-01", "templates", "K1")
-        assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-02"]}  # known since, never sent anything
-        sent("gate-02", "roster")
-        assert gates_to_catch_up(conn, config) == {}  # its templates wait for its key, not retried every round
-        status("gate-02", "K2")
+        assert gates_to_catch_up(conn, config) == {}
+        status("gate-02", "K2")  # gate-02 came online: now things can be sealed to it
         assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-02"]}
+        sent("gate-02", "roster", "K2")
         sent("gate-02", "templates", "K2")
+        assert gates_to_catch_up(conn, config) == {}
         status("gate-01", "K3")  # gate-01's key file was replaced
         assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}
         conn.execute("UPDATE published SET sealed_to = 'K3', digest = '' WHERE device = 'gate-01'")

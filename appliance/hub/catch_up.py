@@ -2,10 +2,10 @@
 ``signing.catch_up_every`` seconds.
 
 A gate installed after the last ``edugate hub roster publish`` is known to the hub from its first
-status, but the roster and templates were sent to the gates known then. A gate whose template key
-file was replaced holds templates it can no longer open. Either way the school's current roster and
-templates are published to that gate, and only to it (unchanged streams are not sent again, so a
-round with nothing due sends nothing and does not even connect).
+status (which carries its key), but the roster and templates were sent to the gates known then. A
+gate whose template key file was replaced is sent messages it can no longer open. Either way the
+school's current roster and templates are published to that gate, and only to it (unchanged streams
+are not sent again, so a round with nothing due sends nothing and does not even connect).
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ import logging
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.config import HubConfig
-from appliance.hub.publish import PublishError, PublishReport, known_devices, publish, stored_gate_keys
+from appliance.hub.publish import (
+    PublishError,
+    PublishReport,
+    known_devices,
+    publish,
+    published_schools,
+    stored_gate_keys,
+)
 from appliance.hub.roster import template_models
 from appliance.hub.rounds import RoundWorker
 from appliance.hub.store import Connection, Store
@@ -24,22 +31,21 @@ log = logging.getLogger(__name__)
 
 
 def gates_to_catch_up(conn: Connection, config: HubConfig) -> dict[str, list[str]]:
-    """school -> gates that lack a stream of a school IT has published to, or hold templates sealed to a key they
-    replaced.
+    """school -> gates that lack a stream of a school IT has published to, or hold a roster or templates sealed to
+    a key they replaced.
 
-    A school is published to once any of its gates was sent something. Its streams are the roster, and the
-    templates when the hub holds some or sent some. A gate whose templates cannot be sealed yet (no key in its
-    status) is not due for them, so a gate that never says its key is not tried every round.
+    A school is published to once ``edugate hub roster publish`` ran for it, even if no gate could be sent
+    anything then (none had said its key). Its streams are the roster, and the
+    templates when the hub holds some or sent some. A gate whose key the hub does not know (none in its status)
+    is not due: nothing can be sealed to it, and it is not tried every round.
     """
     due: dict[str, list[str]] = {}
-    schools = config.hub.schools or [r[0] for r in conn.all("SELECT DISTINCT school FROM published ORDER BY school")]
+    schools = [s for s in published_schools(conn) if not config.hub.schools or s in config.hub.schools]
     keys = stored_gate_keys(conn, schools)
     for school in schools:
         sent = {
             r[0] for r in conn.all("SELECT DISTINCT stream FROM published WHERE school = ? AND digest <> ''", [school])
         }
-        if not sent:
-            continue
         expected = {"roster"} | ({"templates"} if template_models(conn, school) or "templates" in sent else set())
         for device in known_devices(conn, school):
             held = {
@@ -50,10 +56,10 @@ def gates_to_catch_up(conn: Connection, config: HubConfig) -> dict[str, list[str
                 )
             }
             key = keys.get((school, device))
+            if key is None:
+                continue  # nothing can be sealed to it yet
             missing = expected - set(held)
-            if "templates" in missing and key is None:
-                missing.discard("templates")
-            rekeyed = held.get("templates") is not None and key is not None and key != held["templates"]
+            rekeyed = any(sealed_to is not None and sealed_to != key for sealed_to in held.values())
             if missing or rekeyed:
                 due.setdefault(school, []).append(device)
     return due

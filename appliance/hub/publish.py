@@ -4,9 +4,10 @@ For each gate of a school (the ``devices`` table, filled from the gates' status 
 any named on the command line) the hub builds two downlink messages: a ``roster.snapshot`` (people
 with their cards; never parents' phones or e-mails) and a ``templates`` message (every active
 person's templates of one model in ``set``; everyone else on the roster in ``remove``, so a gate
-holds exactly the hub's templates). The ``set`` travels sealed to the gate's template key, read from
-its retained status (appliance.sync.template_transport), so the broker keeps no face in clear; the
-digest is of the clear content. Each is signed with the hub's Ed25519 key and published at
+holds exactly the hub's templates). The ``people`` and the ``set`` travel sealed to the gate's template
+key, read from its status (appliance.sync.sealed_transport), so the broker keeps no name, card number
+or face in clear; a gate whose key the hub does not know yet is sent neither. The digest is of the
+clear content. Each is signed with the hub's Ed25519 key and published at
 QoS 1 with the retain flag on ``{prefix}/{school}/{device}/downlink/{roster|templates}``: a gate
 that is offline, or installed later, gets the latest of each when it (re)connects and subscribes.
 
@@ -20,9 +21,9 @@ Versions grow per (gate, stream) in ``published``: the Unix time of the publish,
 version + 1 if that is larger, so a hub whose database was rebuilt or restored from a backup still
 sends versions newer than what the gates hold. The version is recorded before the message leaves
 (with an empty digest: not confirmed) and the content's digest once the broker acknowledged it, so
-a version is never used twice and an unchanged stream is not sent again unless forced. A templates
-set is also recorded with the gate key it was sealed to (``sealed_to``): a gate whose key file was
-replaced has changed, and gets the set again sealed to its new key.
+a version is never used twice and an unchanged stream is not sent again unless forced. What was
+sealed is also recorded with the gate key it was sealed to (``sealed_to``): a gate whose key file was
+replaced has changed, and gets roster and templates again sealed to its new key.
 
 Gate keys come from the ``devices`` table (the statuses the hub's ingest stored) and, for gates it
 holds none for, from their retained status on the broker. ``appliance.hub.catch_up`` publishes by
@@ -52,8 +53,8 @@ from appliance.config import HubConfig
 from appliance.hub.roster import TemplateKeyError, hub_sealer, hub_templates, roster_people, template_models
 from appliance.hub.store import Connection
 from appliance.sync.downlink import new_message, schema_problem
+from appliance.sync.sealed_transport import SEALED_FIELD, seal, sealed_context
 from appliance.sync.signing import sign
-from appliance.sync.template_transport import seal, sealed_context
 from appliance.sync.topics import Topics
 from appliance.sync.transport import (
     NO_MATCHING_SUBSCRIBERS,
@@ -81,9 +82,13 @@ def digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
+def kind_of(stream: str) -> str:
+    return "roster.snapshot" if stream == "roster" else "templates"
+
+
 def sealed_stream(stream: str, body: dict[str, Any]) -> bool:
-    """Templates are sealed to the gate's key; a message that only erases carries none to seal."""
-    return stream == "templates" and bool(body.get("set"))
+    """Rosters and templates are sealed to the gate's key; a templates message that only erases carries none."""
+    return stream == "roster" or (stream == "templates" and bool(body.get("set")))
 
 
 @dataclass
@@ -178,7 +183,7 @@ def plan_school(
     else:
         notes.append("no face templates at the hub for this school: templates not sent")
     for stream, (body, _) in bodies.items():
-        kind = "roster.snapshot" if stream == "roster" else "templates"
+        kind = kind_of(stream)
         problem = schema_problem({**new_message(kind, school, "check", body, version=1), "sig": "-"})
         if problem:
             raise PublishError(f"{school}: the {stream} cannot be sent, a gate would refuse it: {problem}")
@@ -262,7 +267,7 @@ def sign_items(items: list[Item], key: Ed25519PrivateKey) -> None:
         if item.state != "pending" or item.body is None:
             continue
         body = item.body
-        kind = "roster.snapshot" if item.stream == "roster" else "templates"
+        kind = kind_of(item.stream)
         message = new_message(kind, item.school, item.device, body, version=item.version)
         if item.needs_gate_key:
             recipient = item.sealed_to
@@ -270,12 +275,14 @@ def sign_items(items: list[Item], key: Ed25519PrivateKey) -> None:
                 item.state = "failed"
                 item.error = (
                     "the gate's template key is unknown (a gate sends it in its status once it has been online); "
-                    "templates are only sent sealed to it: publish again when the gate has been online"
+                    f"the {item.stream} is only sent sealed to it: `edugate hub run` sends it once the gate has been "
+                    "online (or publish again then)"
                 )
                 continue
-            plain = json.dumps(body["set"], separators=(",", ":")).encode("utf-8")
+            field_name = SEALED_FIELD[kind]
+            plain = json.dumps(body[field_name], ensure_ascii=False, separators=(",", ":")).encode("utf-8")
             sealed = seal(recipient, plain, sealed_context(message))
-            message["body"] = {k: v for k, v in body.items() if k != "set"} | {"sealed": sealed}
+            message["body"] = {k: v for k, v in body.items() if k != field_name} | {"sealed": sealed}
         message = sign(key, message)
         item.nonce = message["nonce"]
         item.payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -520,11 +527,12 @@ def publish(
                 f"{name}: no known gates (a gate is known once the hub has its status; name one with --device)"
             )
         plans.append(plan)
+        _mark_published(conn, name)
     keys = stored_gate_keys(conn, [plan.school for plan in plans])
     unknown = {
         (plan.school, device)
         for plan in plans
-        if "templates" in plan.bodies and sealed_stream("templates", plan.bodies["templates"][0])
+        if any(sealed_stream(stream, body) for stream, (body, _) in plan.bodies.items())
         for device in plan.devices
     } - set(keys)
     session: BrokerSession | None = None
@@ -556,6 +564,23 @@ def publish(
         if session is not None:
             session.close()
     return report
+
+
+PUBLISHED_MARK = "publish/"  # meta key prefix: a school whose roster IT has published (catch-up follows it)
+
+
+def _mark_published(conn: Connection, school: str) -> None:
+    """The school's roster is meant for its gates from now on, even if no gate could be sent it yet."""
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [PUBLISHED_MARK + school, datetime.now(UTC).isoformat(timespec="seconds")],
+        )
+
+
+def published_schools(conn: Connection) -> list[str]:
+    rows = conn.all("SELECT key FROM meta WHERE key LIKE ? ORDER BY key", [PUBLISHED_MARK + "%"])
+    return [str(r[0])[len(PUBLISHED_MARK) :] for r in rows]
 
 
 def _connected(config: HubConfig) -> BrokerSession:

@@ -35,8 +35,14 @@ from appliance.journal.roster_store import RosterStore
 from appliance.journal.sealing import Sealer
 from appliance.journal.template_store import TemplateStore
 from appliance.roster.model import Person, Role, normalise_name
+from appliance.sync.sealed_transport import (
+    SEALED_FIELD,
+    TransportSealError,
+    gate_private_key,
+    open_sealed,
+    sealed_context,
+)
 from appliance.sync.signing import SignatureError, verify
-from appliance.sync.template_transport import TransportSealError, gate_private_key, open_sealed, sealed_context
 from appliance.sync.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -371,7 +377,7 @@ class Downlink:
 
     def _apply(self, message: dict[str, Any]) -> Outcome:
         kind = message["type"]
-        body = message["body"]
+        body = self._opened_body(message)
         record = self._bookkeeping(message)
         if kind in ("roster.snapshot", "roster.delta"):
             snapshot = kind == "roster.snapshot"
@@ -394,7 +400,7 @@ class Downlink:
                 sealer = Sealer.from_file(key_file)
             except Exception as exc:
                 raise Refused(f"cannot open the template key {key_file}: {exc}") from None
-            texts = self._open_templates(message) if "sealed" in body else body.get("set", {})
+            texts = body.get("set", {})
             new = {person: _vectors(person, person_texts) for person, person_texts in texts.items()}
             self._check_size(body["model"], new)
             written, erased = TemplateStore(self.database, sealer).replace_many(
@@ -414,22 +420,26 @@ class Downlink:
             if matrix.shape[1] != size:
                 raise Refused(f"body/set/{person}: templates have {matrix.shape[1]} values, {model} makes {size}")
 
-    def _open_templates(self, message: dict[str, Any]) -> dict[str, list[str]]:
-        """The ``set`` the hub sealed to this gate's key, checked against the schema like a clear one."""
+    def _opened_body(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The body with the field the hub sealed to this gate's key opened, checked against the schema like a
+        clear one (a body with nothing sealed is returned as it is)."""
         body = message["body"]
+        if "sealed" not in body:
+            return dict(body)
+        kind = message["type"]
+        what = "sealed templates" if kind == "templates" else "sealed roster"
         try:
             private = gate_private_key(self.base_config().vision.key_file)
-            plain = open_sealed(private, body["sealed"], sealed_context(message))
-            texts = json.loads(plain)
+            content = json.loads(open_sealed(private, body["sealed"], sealed_context(message)))
         except TransportSealError as exc:
             raise Refused(str(exc)) from None
         except Exception as exc:
-            raise Refused(f"sealed templates: {exc}") from None
-        opened = {**message, "body": {key: value for key, value in body.items() if key != "sealed"} | {"set": texts}}
-        problem = schema_problem(opened)
+            raise Refused(f"{what}: {exc}") from None
+        opened = {key: value for key, value in body.items() if key != "sealed"} | {SEALED_FIELD[kind]: content}
+        problem = schema_problem({**message, "body": opened})
         if problem:
-            raise Refused(f"sealed templates: {problem}")
-        return texts
+            raise Refused(f"{what}: {problem}")
+        return opened
 
     def _apply_config(self, body: dict[str, Any], record: Callable[[sqlite3.Connection], None]) -> Outcome:
         sections = _merge(hub_config_sections(self.conn), body)

@@ -15,9 +15,9 @@ from appliance.config import GateConfig
 from appliance.journal.db import open_database
 from appliance.journal.events import EventJournal, journal_stats
 from appliance.sync.downlink import Downlink, Hooks
+from appliance.sync.sealed_transport import gate_private_key, public_text
 from appliance.sync.signing import SigningKeyError, load_public_key
 from appliance.sync.status import offline_status, online_status
-from appliance.sync.template_transport import gate_private_key, public_text
 from appliance.sync.topics import Topics
 from appliance.sync.transport import MqttTransport
 from appliance.sync.uplink import Uplink
@@ -29,11 +29,11 @@ StatusSource = Callable[[], dict[str, Any]]
 
 
 def _template_key(config: GateConfig) -> str | None:
-    """The public key the hub seals this gate's face templates to; without it the hub sends none."""
+    """The public key the hub seals this gate's roster and face templates to; without it the hub sends neither."""
     try:
         return public_text(gate_private_key(config.vision.key_file))
     except Exception as exc:
-        log.warning("sync: no template key (%s): the hub cannot send face templates to this gate", exc)
+        log.warning("sync: no template key (%s): the hub cannot send the roster or face templates to this gate", exc)
         return None
 
 

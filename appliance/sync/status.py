@@ -2,7 +2,7 @@
 
 The hub and IT see at a glance which gates are online, how far behind they are and what is
 degraded. Nothing personal goes in it: counts and states only, and the gate's public key for
-sealed face templates (appliance.sync.template_transport).
+sealed face templates (appliance.sync.sealed_transport).
 """
 
 from __future__ import annotations

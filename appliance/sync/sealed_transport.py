@@ -1,9 +1,12 @@
-"""Face templates sealed to one gate for their way through the broker (X25519, HKDF-SHA256, AES-256-GCM).
+"""Face templates and rosters sealed to one gate for their way through the broker (X25519, HKDF-SHA256,
+AES-256-GCM).
 
-The hub's templates messages are retained, so Mosquitto keeps them in mosquitto.db on the school
-server, and queues them for gates that are away. Sealed to the gate's own key they are ciphertext
-there. The gate's X25519 key is derived from its template key file (the one that already seals
-templates in its journal): nothing new to provision or lose. The gate puts the public half in its
+The hub's roster and templates messages are retained, so Mosquitto keeps them in mosquitto.db on
+the school server, and queues them for gates that are away: children's faces, names and card
+numbers. Sealed to the gate's own key they are ciphertext there. One field of the body is sealed
+(``SEALED_FIELD``); ids to remove or deactivate, and the model's name, stay readable. The gate's
+X25519 key is derived from its template key file (the one that already seals templates in its
+journal): nothing new to provision or lose. The gate puts the public half in its
 retained status, which only its own login may write, and the hub seals to what it finds there.
 """
 
@@ -43,9 +46,16 @@ def _unb64(text: str, what: str) -> bytes:
         raise TransportSealError(f"{what} is not base64") from None
 
 
+# The body field that travels sealed, per message type.
+SEALED_FIELD = {"templates": "set", "roster.snapshot": "people", "roster.delta": "upsert"}
+
+
 def sealed_context(message: dict[str, Any]) -> str:
-    """What a sealed body is bound to: its school, gate, model and version (so it cannot be moved or replayed)."""
-    return f"{message['school']}/{message['device']}/{message['body'].get('model')}/{message.get('version')}"
+    """What a sealed body is bound to: its type, school, gate, model and version (so it cannot be moved, put in
+    another kind of message, or replayed)."""
+    bound = f"{message['school']}/{message['device']}/{message['body'].get('model')}/{message.get('version')}"
+    kind = message.get("type", "templates")
+    return bound if kind == "templates" else f"{kind}/{bound}"
 
 
 def gate_private_key(template_key_file: Path) -> X25519PrivateKey:
