@@ -612,6 +612,35 @@ def test_jobs_decide_absences_at_each_cut_off_once_and_push_once_across_a_restar
     assert len(absence_rows(hub_conn)) == 2 and len(city.requests) == 1
 
 
+def test_a_city_retry_waits_in_the_database_not_in_the_jobs_thread(
+    hub_store: Store, hub_conn: Connection, tmp_path: Path, city: CityServer
+) -> None:
+    """The city answers 503 at 16:40: the round records the retry for a minute later and goes on (the same
+    thread decides the absences at the cut-offs); a later round sends it when it is due."""
+    config = city_config(tmp_path, city, retry_min=60.0, retry_max=60.0)
+    school_monday(hub_conn)
+    city.script = [(503, "busy", 0.0), (200, "ok", 0.0)]
+    jobs = DailyJobs(hub_store, config)
+    jobs.run_once(at(MONDAY, "16:40"))
+    record = report_record(hub_conn, SCHOOL, MONDAY)
+    assert record is not None and (record["status"], record["attempts"], record["response_code"]) == (
+        "retrying",
+        1,
+        503,
+    )
+    assert len(city.requests) == 1 and len(absence_rows(hub_conn)) == 2
+    assert hub_conn.one("SELECT 1 FROM meta WHERE key = ?", [f"report/{SCHOOL}/2024-10-21"]) is None
+    jobs.run_once(at(MONDAY, "16:40"))
+    assert len(city.requests) == 1  # not due yet
+    hub_conn.execute("UPDATE reports SET next_attempt_at = ?", ["2000-01-01T00:00:00+00:00"])  # a minute went by
+    jobs.run_once(at(MONDAY, "16:41"))
+    assert len(city.requests) == 2
+    done = json.loads(hub_conn.one("SELECT value FROM meta WHERE key = ?", [f"report/{SCHOOL}/2024-10-21"])[0])
+    assert done["push"] == "sent"
+    assert report_record(hub_conn, SCHOOL, MONDAY)["attempts"] == 2  # type: ignore[index]
+    jobs.stop()
+
+
 def test_absences_wait_for_a_gate_that_is_behind(hub_conn: Connection, tmp_path: Path) -> None:
     config = hub_config(tmp_path)
     school_monday(hub_conn)

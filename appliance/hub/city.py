@@ -198,6 +198,22 @@ def _retryable(code: int | None) -> bool:
     return code is None or code in (408, 429) or code >= 500
 
 
+def _settled(conn: Connection, school: str, day: str, force: bool) -> PushResult | None:
+    """What a push would find without taking the day: sent (and not forced), or another attempt not due yet."""
+    row = conn.one(
+        "SELECT status, attempts, next_attempt_at FROM reports WHERE school = ? AND day = ? AND target = ?",
+        [school, day, TARGET],
+    )
+    if row is None or force:
+        return None
+    status, attempts, next_at = row
+    if status == SENT:
+        return PushResult(school, day, "skipped_sent", attempts, None, None)
+    if status in (SENDING, RETRYING) and datetime.fromisoformat(next_at) > _now():
+        return PushResult(school, day, "busy", attempts, None, None)
+    return None
+
+
 def _claim(conn: Connection, school: str, day: str, force: bool, request: str, lease: float) -> tuple[str, int]:
     """Take the day for this instance: ('go', attempts so far), or ('skipped_sent'|'busy', attempts).
 
@@ -250,14 +266,23 @@ def push_day(
     *,
     force: bool = False,
     stop: threading.Event | None = None,
+    wait: bool = True,
 ) -> PushResult:
-    """Send the day (blocking through the retries); returns how it ended. Raises :class:`CityError`
-    only when ``[report.city]`` is missing; an unreadable token is recorded as a failed push."""
+    """Send the day; returns how it ended. Raises :class:`CityError` only when ``[report.city]`` is missing;
+    an unreadable token is recorded as a failed push.
+
+    With ``wait`` (the CLI) it blocks through the retries. Without (the hub's daily jobs, whose thread also
+    decides the absences at the cut-offs) it makes the one attempt that is due and returns ``retrying``
+    with the next attempt's time recorded; a later call sends it when that time has come.
+    """
     city = config.report.city
     if city is None:
         raise CityError("report.city is not configured: set [report.city] url (and token_file) in hub.toml")
     the_day = as_date(day).isoformat()
     stop = stop or threading.Event()
+    settled = _settled(conn, school, the_day, force)
+    if settled is not None:  # sent already, or not due: the report is not even built
+        return settled
     body_data = apply_mapping(report_payload(conn, config, school, the_day), city.field_mapping)
     body = json.dumps(body_data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     headers = {
@@ -310,7 +335,7 @@ def push_day(
             f"HTTP {code}" if code is not None else answer,
             delay,
         )
-        if stop.wait(delay):
+        if not wait or stop.wait(delay):
             return PushResult(school, the_day, RETRYING, attempts, code, answer)
     _record(conn, school, the_day, status=FAILED, response_code=code, response=answer)
     log.error(

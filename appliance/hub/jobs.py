@@ -156,9 +156,10 @@ def run_report(
     school: str,
     day: date,
     stop: threading.Event | None = None,
+    wait: bool = True,
 ) -> bool:
     """Push the day's exported files to the city if configured and record the report as done; True once
-    finished for good (sent, failed, or no city), False to come back next round."""
+    finished for good (sent, failed, or no city), False to come back next round (``wait``: see push_day)."""
     from appliance.hub.city import push_day
     from appliance.hub.report import report_paths
 
@@ -168,9 +169,9 @@ def run_report(
     files = report_paths(config, school, day)
     pushed = None
     if config.report.city is not None:
-        result = push_day(conn, config, school, day, stop=stop)
+        result = push_day(conn, config, school, day, stop=stop, wait=wait)
         if not result.done:
-            return False  # stopped mid-retry, or another instance is sending: next round
+            return False  # a retry not due yet, or another instance is sending: next round
         pushed = result.status
     log.info("report %s %s exported%s", school, day.isoformat(), f", city push {pushed}" if pushed else "")
     value = json.dumps(
@@ -220,7 +221,7 @@ class DailyJobs(RoundWorker):
         if key not in self._exported and not _meta_exists(conn, key):
             export_day(conn, self.config, school, day)
             self._exported.add(key)
-        run_report(conn, self.config, school, day, self._stop)
+        run_report(conn, self.config, school, day, self._stop, wait=False)  # retries must not hold the cut-offs
 
     def run_once(self, now: datetime | None = None) -> None:
         """Everything due today by ``now`` (the hub's local time) that is not yet done."""
