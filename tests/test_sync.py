@@ -375,3 +375,23 @@ def test_events_nobody_subscribed_to_stay_in_the_journal_until_the_hub_is_there(
     assert sorted(set(seqs)) == [1, 2, 3, 4, 5]
     gate.wait(lambda: gate.stats().unsynced == 0, 10, "synced once the hub is subscribed")
     gate.wait(lambda: not gate.sync_status().get("uplink_error"), 10, "error cleared")
+
+
+def test_events_the_broker_acl_refuses_stay_in_the_journal_and_status_says_why(
+    broker: Broker, subscriber_factory: Any, gate_factory: Any
+) -> None:
+    """A gate provisioned with the wrong topic prefix: the ACL refuses its events (PUBACK 135). They are not
+    marked synced, status names the ACL, and once IT fixes gate.toml they all arrive."""
+    hub = subscriber_factory(HUB, persistent=True, session_expiry=600)
+    gate = gate_factory(broker, topic_prefix="edugate-typo")
+    gate.start()
+    send_taps(gate.lane, [f"11{i:06X}" for i in range(3)])
+    gate.wait(lambda: "check the broker's ACL" in (gate.sync_status().get("uplink_error") or ""), 15, "told why")
+    assert "Not authorized" in gate.sync_status()["uplink_error"]
+    assert gate.stats().unsynced == 3 and not hub.messages()
+    gate.stop()
+    gate.config.write_text(gate.config.read_text().replace('topic_prefix = "edugate-typo"', 'topic_prefix = "edugate"'))
+    gate.start()
+    seqs = wait_all(hub, 3, 20)
+    assert sorted(set(seqs)) == [1, 2, 3]
+    gate.wait(lambda: gate.stats().unsynced == 0, 10, "synced once the prefix is right")
