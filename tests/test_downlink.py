@@ -181,6 +181,19 @@ def test_replayed_nonce_is_refused(gate: Downlink, hub: Hub) -> None:
     assert gate.calls["resync"] == [5]
 
 
+def test_resync_of_another_journal_is_refused(gate: Downlink, hub: Hub) -> None:
+    """The hub asks by journal: seq 5 of a journal this gate replaced (salvaged after damage) is not its seq 5."""
+    old = hub.message("command", {"name": "resync", "from_seq": 5, "journal": "0" * 32})
+    result = send(gate, old)
+    assert not result["ok"] and result["reason"] == (
+        f"journal {'0' * 32} is not this gate's journal (now {gate.database.journal_id}): its events cannot be "
+        "sent again"
+    )
+    assert gate.calls["resync"] == []
+    mine = hub.message("command", {"name": "resync", "from_seq": 5, "journal": gate.database.journal_id})
+    assert send(gate, mine)["ok"] and gate.calls["resync"] == [5]
+
+
 def test_message_for_another_gate_or_topic_is_refused(seeded: Downlink, hub: Hub) -> None:
     other = sign(hub.key, new_message("roster.snapshot", SCHOOL, "gate-02", {"people": []}, version=10))
     refused_unchanged(seeded, other, "not this gate")

@@ -114,9 +114,9 @@ def test_resync_asks_for_exactly_the_missing_ranges_once_per_period(hub_conn: Co
     assert resyncer.run_once(now) == 0  # the gap is younger than resync_after: it may still fill by itself
     assert resyncer.run_once(now + timedelta(seconds=61)) == 2
     assert [m["body"] for _, m in sent] == [
-        {"name": "resync", "from_seq": 3, "to_seq": 4},
-        {"name": "resync", "from_seq": 7, "to_seq": 8},
-    ]
+        {"name": "resync", "from_seq": 3, "to_seq": 4, "journal": "a" * 32},
+        {"name": "resync", "from_seq": 7, "to_seq": 8, "journal": "a" * 32},
+    ]  # by journal: a gate that replaced its journal since refuses instead of resending other events
     topic, message = sent[0]
     assert topic == "edugate/thcs-a/gate-01/downlink/command"
     key.public_key().verify(base64.b64decode(message["sig"]), canonical(message))

@@ -104,7 +104,7 @@ class Resyncer:
             ranges = missing_ranges(self.conn, device, journal, contiguous, highest)
             topic = Topics(self.prefix, school, device).downlink_topic("command")
             for first, last in ranges:
-                body = {"name": "resync", "from_seq": first, "to_seq": last}
+                body = {"name": "resync", "from_seq": first, "to_seq": last, "journal": journal}
                 message = sign(self.key, new_message("command", school, device, body))
                 self.publish(topic, json.dumps(message, ensure_ascii=False).encode("utf-8"))
                 asked += 1

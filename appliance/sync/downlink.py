@@ -469,6 +469,12 @@ class Downlink:
         if name == "resync":
             if self.hooks.resync is None:
                 raise Refused("command resync is not available on this gate")
+            asked = body.get("journal")
+            if asked is not None and asked != self.database.journal_id:
+                raise Refused(
+                    f"journal {asked} is not this gate's journal (now {self.database.journal_id}): "
+                    "its events cannot be sent again"
+                )
             self._in_transaction(record)
             try:
                 count = self.hooks.resync(body["from_seq"], body.get("to_seq"))
