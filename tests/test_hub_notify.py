@@ -37,7 +37,8 @@ from mqtt_broker import BROKER_USERS, Broker, MqttPeer, Pki, free_port
 from appliance.cli import main as cli_main
 from appliance.config import DatabaseConfig, HubConfig, parse_hub_config
 from appliance.hub.ingest import Incoming, Ingest
-from appliance.hub.notify import backoff, event_hook, outbox_key, outbox_worker, plan_absent
+from appliance.hub.notify import backoff, event_hook, outbox_key, outbox_worker, plan_absent, planner
+from appliance.hub.notify import worker as worker_module
 from appliance.hub.notify.worker import OutboxWorker
 from appliance.hub.store import Connection, Store
 from appliance.sync.signing import generate_private_key
@@ -302,13 +303,21 @@ def test_the_next_day_brings_new_messages(hub_store: Store, hub_conn: Connection
 
 
 def test_an_old_event_notifies_nobody_and_says_why(
-    hub_store: Store, hub_conn: Connection, gateway: tuple[Gateway, str], workers: list[OutboxWorker]
+    hub_store: Store,
+    hub_conn: Connection,
+    gateway: tuple[Gateway, str],
+    workers: list[OutboxWorker],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The hub's clock at noon: at 00:13 the event 95 minutes old was yesterday's, and the fresh one today's.
+    noon = datetime.now(ZONE).replace(hour=12, minute=0, second=0, microsecond=0)
+    for module in (planner, worker_module):
+        monkeypatch.setattr(module, "utc_now", lambda: noon.astimezone(UTC))
     server, url = gateway
     config = webhook_config(hub_store, url, max_age_minutes=60)
     add_person(hub_conn, "HS001")
-    ingest(hub_conn, config, tap(1, at=datetime.now(ZONE) - timedelta(minutes=95)))
-    ingest(hub_conn, config, tap(2, kind="departure", at=datetime.now(ZONE) + timedelta(hours=3)))  # wrong clock
+    ingest(hub_conn, config, tap(1, at=noon - timedelta(minutes=95)))
+    ingest(hub_conn, config, tap(2, kind="departure", at=noon + timedelta(hours=3)))  # a gate with a wrong clock
     start_worker(hub_store, config, workers)
     time.sleep(1.0)
     skipped = sorted(rows(hub_conn), key=lambda r: r["kind"])
@@ -319,7 +328,7 @@ def test_an_old_event_notifies_nobody_and_says_why(
     assert "95 min old" in skipped[0]["last_error"] and "max_age_minutes = 60" in skipped[0]["last_error"]
     assert "ahead of the hub's clock" in skipped[1]["last_error"]
     assert server.total() == 0
-    ingest(hub_conn, config, tap(3))  # a fresh arrival the same day does not make up for it: at most one
+    ingest(hub_conn, config, tap(3, at=noon))  # a fresh arrival the same day does not make up for it: at most one
     assert len(rows(hub_conn)) == 2
 
 
