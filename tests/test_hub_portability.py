@@ -15,7 +15,7 @@ from postgres_server import session_server
 
 from appliance.config import DatabaseConfig
 from appliance.hub.ingest import Incoming, Ingest, IngestWorker
-from appliance.hub.store import Connection, Store, StoreError
+from appliance.hub.store import SCHEMA_VERSION, Connection, Store, StoreError
 
 TOPIC = "edugate/thcs-a/gate-01/events"
 
@@ -101,6 +101,23 @@ def test_executemany_and_rollback_behave_alike(hub_conn: Connection) -> None:
     assert hub_conn.one("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'")[0] == 50
 
 
+def test_a_hub_database_made_before_a_column_was_added_gets_it_and_keeps_its_rows(
+    hub_store: Store, hub_conn: Connection
+) -> None:
+    """A school's hub upgraded in place: `published` of schema 1 had no sealed_to; the next start adds it."""
+    hub_conn.execute("DROP TABLE published")
+    hub_conn.execute(
+        "CREATE TABLE published (device TEXT NOT NULL, stream TEXT NOT NULL, school TEXT NOT NULL, version BIGINT "
+        "NOT NULL, digest TEXT NOT NULL, published_at TEXT NOT NULL, PRIMARY KEY (device, stream))"
+    )
+    hub_conn.execute("INSERT INTO published VALUES ('gate-01', 'roster', 'thcs-a', 7, 'd', 'then')")
+    hub_conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    hub_store.migrate()
+    hub_store.migrate()  # and again: nothing to add the second time
+    assert hub_conn.all("SELECT device, version, sealed_to FROM published") == [("gate-01", 7, None)]
+    assert hub_conn.one("SELECT value FROM meta WHERE key = 'schema_version'") == (str(SCHEMA_VERSION),)
+
+
 def test_hub_instances_starting_together_create_the_tables_once(pytestconfig: pytest.Config) -> None:
     """Without the advisory lock, three concurrent CREATE TABLE IF NOT EXISTS fail on PostgreSQL every time."""
     server = session_server(pytestconfig)
@@ -127,7 +144,7 @@ def test_hub_instances_starting_together_create_the_tables_once(pytestconfig: py
                 thread.join(30)
             assert errors == []
             conn = store.connect()
-            assert conn.one("SELECT value FROM meta WHERE key = 'schema_version'") == ("1",)
+            assert conn.one("SELECT value FROM meta WHERE key = 'schema_version'") == (str(SCHEMA_VERSION),)
             conn.close()
         finally:
             server.drop_database(name)

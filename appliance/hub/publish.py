@@ -579,8 +579,10 @@ def _mark_published(conn: Connection, school: str) -> None:
 
 
 def published_schools(conn: Connection) -> list[str]:
-    rows = conn.all("SELECT key FROM meta WHERE key LIKE ? ORDER BY key", [PUBLISHED_MARK + "%"])
-    return [str(r[0])[len(PUBLISHED_MARK) :] for r in rows]
+    """Schools `roster publish` ran for (marked since schema 2; before, a row in ``published`` says so)."""
+    rows = conn.all("SELECT key FROM meta WHERE key LIKE ?", [PUBLISHED_MARK + "%"])
+    marked = {str(r[0])[len(PUBLISHED_MARK) :] for r in rows}
+    return sorted(marked | {str(r[0]) for r in conn.all("SELECT DISTINCT school FROM published")})
 
 
 def _connected(config: HubConfig) -> BrokerSession:

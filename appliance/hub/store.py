@@ -18,7 +18,9 @@ from typing import Any
 
 from appliance.config import DatabaseConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added to a table after it first shipped: a hub database made before gets them at the next start.
+ADDED_COLUMNS = [("published", "sealed_to", "TEXT")]  # 2: the gate key a roster or templates was sealed to
 MIGRATE_LOCK = 0x65647567617465  # PostgreSQL advisory lock key held while creating tables ("edugate")
 
 TABLES = [
@@ -327,12 +329,26 @@ class Store:
                     conn.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATE_LOCK])
                 for statement in TABLES:
                     conn.execute(statement)
+                for table, column, kind in ADDED_COLUMNS:
+                    if column not in self._columns(conn, table):
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 conn.execute(
-                    "INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO NOTHING",
+                    "INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE SET "
+                    "value = excluded.value",
                     [str(SCHEMA_VERSION)],
                 )
         finally:
             conn.close()
+
+    def _columns(self, conn: Connection, table: str) -> set[str]:
+        if self.dialect == "sqlite":
+            return {str(r[1]) for r in conn.all(f"PRAGMA table_info({table})")}
+        rows = conn.all(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ?",
+            [table],
+        )
+        return {str(r[0]) for r in rows}
 
 
 @contextmanager
