@@ -641,6 +641,27 @@ def test_a_city_retry_waits_in_the_database_not_in_the_jobs_thread(
     jobs.stop()
 
 
+def test_a_retry_due_after_the_day_is_over_is_still_sent(
+    hub_store: Store, hub_conn: Connection, tmp_path: Path, city: CityServer
+) -> None:
+    """Monday's push failed at 23:55 with its retry due after midnight; Tuesday's (or a Sunday's) rounds send it."""
+    config = city_config(tmp_path, city, retry_min=60.0, retry_max=60.0)
+    school_monday(hub_conn)
+    city.script = [(503, "busy", 0.0), (200, "ok", 0.0)]
+    jobs = DailyJobs(hub_store, config)
+    jobs.run_once(at(MONDAY, "23:55"))
+    assert report_record(hub_conn, SCHOOL, MONDAY)["status"] == "retrying"  # type: ignore[index]
+    hub_conn.execute("UPDATE reports SET next_attempt_at = ?", ["2000-01-01T00:00:00+00:00"])  # now due
+    jobs.run_once(at(SUNDAY + timedelta(days=7), "00:01"))  # no school that day: nothing else is done
+    assert len(city.requests) == 2
+    assert report_record(hub_conn, SCHOOL, MONDAY)["status"] == "sent"  # type: ignore[index]
+    done = json.loads(hub_conn.one("SELECT value FROM meta WHERE key = ?", [f"report/{SCHOOL}/2024-10-21"])[0])
+    assert done["push"] == "sent"
+    jobs.run_once(at(SUNDAY + timedelta(days=7), "00:02"))
+    assert len(city.requests) == 2
+    jobs.stop()
+
+
 def test_absences_wait_for_a_gate_that_is_behind(hub_conn: Connection, tmp_path: Path) -> None:
     config = hub_config(tmp_path)
     school_monday(hub_conn)

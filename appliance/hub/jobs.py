@@ -227,9 +227,14 @@ class DailyJobs(RoundWorker):
         """Everything due today by ``now`` (the hub's local time) that is not yet done."""
         now = (now or datetime.now(self.config.zone)).astimezone(self.config.zone)
         today = now.date()
-        if not is_school_day(self.config, today) or not self.ready():
+        if not self.ready():
             return
         conn = self._connection()
+        for school, day in _unfinished_pushes(conn, today):
+            # A retry due after midnight, or on a day off, is still sent: its day's round is over.
+            self._guarded(report_key(school, day.isoformat()), lambda s=school, d=day: self._report(s, d))
+        if not is_school_day(self.config, today):
+            return
         for school in schools(conn, self.config):
             for class_name in classes(conn, school):
                 self._guarded(
@@ -240,6 +245,16 @@ class DailyJobs(RoundWorker):
                 self._guarded(report_key(school, today.isoformat()), lambda s=school: self._report(s, today))
             if self._stop.is_set():
                 return
+
+
+def _unfinished_pushes(conn: Connection, today: date) -> list[tuple[str, date]]:
+    """(school, day) of earlier days whose city push is still retrying or was cut short mid-send."""
+    rows = conn.all(
+        "SELECT school, day FROM reports WHERE target = 'city' AND status IN ('retrying', 'sending') AND day < ? "
+        "ORDER BY day, school",
+        [today.isoformat()],
+    )
+    return [(str(school), date.fromisoformat(str(day))) for school, day in rows]
 
 
 def daily_jobs(store: Store, config: HubConfig, ready: Callable[[], bool] = lambda: True) -> DailyJobs:
