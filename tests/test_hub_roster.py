@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from sync_support import BASE, DEVICE, SCHOOL
 
 from appliance.cli import main
 from appliance.config import load_hub_config
-from appliance.hub.catch_up import gates_to_catch_up
-from appliance.hub.publish import PUBLISHED_MARK
+from appliance.hub.catch_up import CatchUpWorker, catch_up, gates_to_catch_up
+from appliance.hub.publish import PUBLISHED_MARK, Item, _record
 from appliance.hub.roster import hub_sealer, hub_templates, import_templates
 from appliance.hub.store import Connection, Store
 from appliance.journal import open_database
@@ -651,10 +652,11 @@ def test_catch_up_picks_gates_that_miss_a_stream_or_changed_key_and_never_tries_
 
         status("gate-01", "K1")
         status("gate-02", None)
-        sent("gate-01", "roster", "K1")
         assert gates_to_catch_up(conn, config) == {}  # IT has not published to the school: nothing is due
-        conn.execute("INSERT INTO meta(key, value) VALUES (?, 'now')", [PUBLISHED_MARK + SCHOOL])
-        assert gates_to_catch_up(conn, config) == {}  # gate-01 holds the roster; gate-02's key is unknown
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, '{}')", [PUBLISHED_MARK + SCHOOL])
+        assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}  # gate-02's key is unknown
+        sent("gate-01", "roster", "K1")
+        assert gates_to_catch_up(conn, config) == {}
         conn.execute(
             "INSERT INTO templates(school, person, model, sealed, updated_at) VALUES (?, 'HS1', 'm', 'x', 'n')",
             [SCHOOL],
@@ -672,4 +674,90 @@ def test_catch_up_picks_gates_that_miss_a_stream_or_changed_key_and_never_tries_
         conn.execute("UPDATE published SET sealed_to = 'K3', digest = '' WHERE device = 'gate-01'")
         assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}  # a send not acknowledged is not held
     finally:
+        conn.close()
+
+
+def test_one_publish_per_school_at_a_time_and_versions_only_move_forward(
+    hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki
+) -> None:
+    """A publish (IT's, the catch-up's, another hub instance's) holds a lease on the school while it plans and
+    sends; another one is told, and the catch-up waits for its next round. A lease of a killed publish runs out."""
+    config_path = hub_toml(tmp_path, hub_store, broker, pki)
+    config = load_hub_config(config_path)
+    assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
+               SCHOOL, "--config", str(config_path)).exit_code == 0  # fmt: skip
+    gate_key = public_text(gate_private_key(tmp_path / "gate-templates.key"))
+    conn = hub_store.connect()
+    try:
+        conn.execute(
+            "INSERT INTO devices(device, school, online, status, status_at) VALUES (?, ?, 0, ?, 'now')",
+            [DEVICE, SCHOOL, json.dumps({"device": DEVICE, "online": False, "template_key": gate_key})],
+        )
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, '{}')", [PUBLISHED_MARK + SCHOOL])
+        lock = "publish-lock/" + SCHOOL
+        soon = (datetime.now(UTC) + timedelta(minutes=5)).isoformat(timespec="seconds")
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", [lock, f"office-pc:4242:ab12|{soon}"])
+
+        result = cli("hub", "roster", "publish", "--config", str(config_path))
+        assert result.exit_code == 1
+        assert "another publish to this school is under way (office-pc:4242:ab12" in result.stderr
+        report = catch_up(conn, config, load_private_key(tmp_path / "hub-signing.key"))
+        assert (report.busy, report.errors, report.items) == ([SCHOOL], [], [])  # quietly, next round
+        assert published(conn) == {}
+
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", ["office-pc:4242:ab12|2000-01-01T00:00:00+00:00", lock])
+        result = cli("hub", "roster", "publish", "--config", str(config_path))  # the holder died: its lease ran out
+        assert result.exit_code == 0, result.output
+        assert published(conn)[(DEVICE, "roster")][1] != ""
+        assert conn.one("SELECT 1 FROM meta WHERE key = ?", [lock]) is None  # given back
+
+        version = published(conn)[(DEVICE, "roster")][0]
+        older = Item(SCHOOL, DEVICE, "roster", "", "other-digest", version=version - 1)
+        assert not _record(conn, older, confirmed=False)  # a reservation never goes back
+        assert not _record(conn, older, confirmed=True)  # nor does a late confirmation of an older send
+        newer = Item(SCHOOL, DEVICE, "roster", "", "new-digest", version=version + 1)
+        assert _record(conn, newer, confirmed=False) and published(conn)[(DEVICE, "roster")] == (version + 1, "")
+    finally:
+        conn.close()
+
+
+def test_catch_up_sends_the_model_of_the_last_publish_and_rests_a_failing_school(
+    hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    config_path = hub_toml(tmp_path, hub_store, broker, pki)
+    config = load_hub_config(config_path)
+    key = load_private_key(tmp_path / "hub-signing.key")
+    assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
+               SCHOOL, "--config", str(config_path)).exit_code == 0  # fmt: skip
+    conn = hub_store.connect()
+    worker = CatchUpWorker(hub_store, config, key, every=60)
+    try:
+        sealer = hub_sealer(config, create=True)
+        import_templates(conn, sealer, SCHOOL, {MODEL: {"HS001": vectors(1)}, "other-model": {"HS002": vectors(2)}})
+        gate_key_file = tmp_path / "gate-templates.key"
+        status = {"device": DEVICE, "template_key": public_text(gate_private_key(gate_key_file))}
+        conn.execute(
+            "INSERT INTO devices(device, school, online, status, status_at) VALUES (?, ?, 0, ?, 'now')",
+            [DEVICE, SCHOOL, json.dumps(status)],
+        )
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, '{}')", [PUBLISHED_MARK + SCHOOL])  # no model known
+
+        first = worker.run_once()
+        assert len(first.errors) == 1 and first.errors[0].startswith(f"{SCHOOL}: templates of several models")
+        second = worker.run_once()  # the school rests: no new try, no new log line
+        assert (second.errors, second.items) == ([], [])
+        assert sum("several models" in r.getMessage() for r in caplog.records) == 1
+
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", [json.dumps({"model": MODEL}), PUBLISHED_MARK + SCHOOL])
+        worker._failed.clear()  # ten minutes later
+        third = worker.run_once()
+        assert third.errors == []
+        assert {(i.stream, i.state) for i in third.items} == {("roster", "offline"), ("templates", "offline")}
+        message = retained_templates(broker)
+        assert message["body"]["model"] == MODEL
+        sealed = message["body"]["sealed"]
+        opened = json.loads(open_sealed(gate_private_key(gate_key_file), sealed, sealed_context(message)))
+        assert list(opened) == ["HS001"]
+    finally:
+        worker.stop()
         conn.close()

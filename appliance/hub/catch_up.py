@@ -11,6 +11,8 @@ are not sent again, so a round with nothing due sends nothing and does not even 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -20,6 +22,7 @@ from appliance.hub.publish import (
     PublishReport,
     known_devices,
     publish,
+    published_model,
     published_schools,
     stored_gate_keys,
 )
@@ -28,6 +31,8 @@ from appliance.hub.rounds import RoundWorker
 from appliance.hub.store import Connection, Store
 
 log = logging.getLogger(__name__)
+
+RETRY_FAILED_AFTER = 600.0  # seconds before a school whose catch-up failed is tried again
 
 
 def gates_to_catch_up(conn: Connection, config: HubConfig) -> dict[str, list[str]]:
@@ -65,22 +70,36 @@ def gates_to_catch_up(conn: Connection, config: HubConfig) -> dict[str, list[str
     return due
 
 
-def catch_up(conn: Connection, config: HubConfig, key: Ed25519PrivateKey) -> PublishReport:
-    """Publish to the gates that missed what their school was sent (see ``gates_to_catch_up``), and only to them."""
+def catch_up(
+    conn: Connection, config: HubConfig, key: Ed25519PrivateKey, skip: Callable[[str], bool] = lambda school: False
+) -> PublishReport:
+    """Publish to the gates that missed what their school was sent (see ``gates_to_catch_up``), and only to them,
+    with the templates model of the school's last publish. A school another publish holds is left for the next
+    round (``busy``, not an error); so is one ``skip`` names."""
     report = PublishReport()
     for school, devices in gates_to_catch_up(conn, config).items():
+        if skip(school):
+            continue
+        model = published_model(conn, school)
+        if model is not None and model not in template_models(conn, school):
+            model = None  # its templates are gone since: whatever the hub holds now
         try:
-            done = publish(conn, config, key, school=school, devices=devices, only=True)
+            done = publish(conn, config, key, school=school, devices=devices, only=True, model=model)
         except PublishError as exc:
             report.errors.append(f"{school}: {exc}")
             continue
         report.items += done.items
-        report.errors += done.errors
+        report.busy += done.busy
+        report.errors += [e for e in done.errors if not any(e.startswith(f"{b}: ") for b in done.busy)]
     return report
 
 
 class CatchUpWorker(RoundWorker):
-    """One thread, one database connection; a round every ``every`` seconds, the first one at once."""
+    """One thread, one database connection; a round every ``every`` seconds, the first one at once.
+
+    A school whose catch-up failed (a broker refusing the message, templates of several models) is tried
+    again after ``RETRY_FAILED_AFTER``, not every round: the log says why once per try.
+    """
 
     name = "catch-up"
 
@@ -88,9 +107,21 @@ class CatchUpWorker(RoundWorker):
         super().__init__(store, every)
         self.config = config
         self.key = key
+        self._failed: dict[str, float] = {}  # school -> when its catch-up last failed (monotonic)
+
+    def _resting(self, school: str) -> bool:
+        failed = self._failed.get(school)
+        return failed is not None and time.monotonic() - failed < RETRY_FAILED_AFTER
 
     def run_once(self) -> PublishReport:
-        report = catch_up(self._connection(), self.config, self.key)
+        report = catch_up(self._connection(), self.config, self.key, skip=self._resting)
+        failed = {item.school for item in report.items if item.state == "failed"}
+        failed |= {error.split(": ", 1)[0] for error in report.errors}
+        done = {item.school for item in report.items} - failed
+        for school in failed:
+            self._failed[school] = time.monotonic()
+        for school in done:
+            self._failed.pop(school, None)
         for item in report.items:
             if item.state != "unchanged":
                 log.info(

@@ -36,11 +36,13 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -214,24 +216,32 @@ def next_version(previous: int | None) -> int:
     return max((previous or 0) + 1, int(time.time()))
 
 
-def _record(conn: Connection, item: Item, confirmed: bool) -> None:
-    """Reserve the version (empty digest) before sending; store the digest once the broker has the message."""
+def _record(conn: Connection, item: Item, confirmed: bool) -> bool:
+    """Reserve the version (empty digest) before sending; store the digest once the broker has the message.
+
+    Versions only move forward: a reservation is refused (False) if the gate's row already holds this
+    version or a newer one, and a confirmation never overwrites a newer reservation.
+    """
     assert item.version is not None
+    newer = "published.version <= excluded.version" if confirmed else "published.version < excluded.version"
     with conn.transaction():
-        conn.execute(
-            "INSERT INTO published(device, stream, school, version, digest, sealed_to, published_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, stream) DO UPDATE SET school = excluded.school, "
-            "version = excluded.version, digest = excluded.digest, sealed_to = excluded.sealed_to, "
-            "published_at = excluded.published_at",
-            [
-                item.device,
-                item.stream,
-                item.school,
-                item.version,
-                item.digest if confirmed else "",
-                item.sealed_to if confirmed else None,
-                datetime.now(UTC).isoformat(timespec="seconds"),
-            ],
+        return (
+            conn.execute(
+                "INSERT INTO published(device, stream, school, version, digest, sealed_to, published_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, stream) DO UPDATE SET school = excluded.school, "
+                "version = excluded.version, digest = excluded.digest, sealed_to = excluded.sealed_to, "
+                f"published_at = excluded.published_at WHERE {newer}",
+                [
+                    item.device,
+                    item.stream,
+                    item.school,
+                    item.version,
+                    item.digest if confirmed else "",
+                    item.sealed_to if confirmed else None,
+                    datetime.now(UTC).isoformat(timespec="seconds"),
+                ],
+            ).rowcount
+            == 1
         )
 
 
@@ -448,7 +458,10 @@ def send(session: BrokerSession, conn: Connection, prefix: str, items: list[Item
         if problem:
             item.state, item.error = "failed", problem
             continue
-        _record(conn, item, confirmed=False)
+        if not _record(conn, item, confirmed=False):
+            item.state = "failed"
+            item.error = f"another publish took version {item.version} or a newer one for this gate; run it again"
+            continue
         if item.nonce is not None:
             session.wanted.add(item.nonce)
         by_mid[session.publish(topic, item.payload)] = item
@@ -482,6 +495,7 @@ class PublishReport:
     items: list[Item] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # "school: ..." lines that are not errors
     errors: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # schools left alone: another publish to them was under way
 
     @property
     def failed(self) -> bool:
@@ -514,6 +528,35 @@ def publish(
     if extra and len(schools) > 1:
         # A gate may read every school's downlink under its own name (the ACL does not check the school level).
         raise PublishError(f"this hub serves {len(schools)} schools: name the gate's school with --school")
+    leases: dict[str, str] = {}
+    try:
+        for name in schools:
+            taken, lease = _lock(conn, name, ack_timeout + wait + STATUS_WAIT + LOCK_MARGIN)
+            if not taken:
+                report.busy.append(name)
+                report.errors.append(f"{name}: {lease}")
+                continue
+            leases[name] = lease
+        return _publish_locked(conn, config, key, report, list(leases), extra, force, model, wait, ack_timeout, only)
+    finally:
+        for name, lease in leases.items():
+            _unlock(conn, name, lease)
+
+
+def _publish_locked(
+    conn: Connection,
+    config: HubConfig,
+    key: Ed25519PrivateKey,
+    report: PublishReport,
+    schools: list[str],
+    extra: list[str],
+    force: bool,
+    model: str | None,
+    wait: float,
+    ack_timeout: float,
+    only: bool,
+) -> PublishReport:
+    """Plan, seal, sign and send to ``schools``, whose publish leases this call holds."""
     plans: list[SchoolPlan] = []
     for name in schools:
         try:
@@ -527,7 +570,7 @@ def publish(
                 f"{name}: no known gates (a gate is known once the hub has its status; name one with --device)"
             )
         plans.append(plan)
-        _mark_published(conn, name)
+        _mark_published(conn, name, plan.bodies.get("templates", ({}, ""))[0].get("model"))
     keys = stored_gate_keys(conn, [plan.school for plan in plans])
     unknown = {
         (plan.school, device)
@@ -567,15 +610,65 @@ def publish(
 
 
 PUBLISHED_MARK = "publish/"  # meta key prefix: a school whose roster IT has published (catch-up follows it)
+LOCK_PREFIX = "publish-lock/"  # meta key prefix: "<holder>|<until>" while a publish to the school is under way
+LOCK_MARGIN = 120.0  # seconds a lease outlives the longest a publish should take (a killed one frees it then)
 
 
-def _mark_published(conn: Connection, school: str) -> None:
-    """The school's roster is meant for its gates from now on, even if no gate could be sent it yet."""
+def _lock(conn: Connection, school: str, seconds: float) -> tuple[bool, str]:
+    """Take the school's publish lease: (True, its value), or (False, why not).
+
+    One publish to a school at a time, across CLI commands, the hub's catch-up and hub instances: between
+    reading the roster and recording what the broker acknowledged, another one would race it for the gates'
+    versions (and could send an older roster last). A lease, not a lock held by a connection, so a publish
+    killed half-way frees the school when its time is up.
+    """
+    now = datetime.now(UTC)
+    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    value = f"{holder}|{(now + timedelta(seconds=seconds)).isoformat(timespec='seconds')}"
+    key = LOCK_PREFIX + school
+    with conn.transaction():
+        added = conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING", [key, value]
+        ).rowcount
+        if added == 1:
+            return True, value
+        row = conn.one("SELECT value FROM meta WHERE key = ?", [key])
+        held = str(row[0]) if row else ""
+        other, _, until = held.rpartition("|")
+        try:
+            expired = datetime.fromisoformat(until) <= now
+        except ValueError:
+            expired = True
+        swap = "UPDATE meta SET value = ? WHERE key = ? AND value = ?"
+        if expired and conn.execute(swap, [value, key, held]).rowcount == 1:
+            return True, value
+    return False, f"another publish to this school is under way ({other}, until {until[11:19]} UTC); run it again then"
+
+
+def _unlock(conn: Connection, school: str, lease: str) -> None:
+    with conn.transaction():
+        conn.execute("DELETE FROM meta WHERE key = ? AND value = ?", [LOCK_PREFIX + school, lease])
+
+
+def _mark_published(conn: Connection, school: str, model: str | None) -> None:
+    """The school's roster (and templates of ``model``) are meant for its gates from now on, even if no gate
+    could be sent them yet."""
+    value = json.dumps({"at": datetime.now(UTC).isoformat(timespec="seconds"), "model": model})
     with conn.transaction():
         conn.execute(
             "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [PUBLISHED_MARK + school, datetime.now(UTC).isoformat(timespec="seconds")],
+            [PUBLISHED_MARK + school, value],
         )
+
+
+def published_model(conn: Connection, school: str) -> str | None:
+    """The templates model the school's last publish sent (catch-up sends the same one)."""
+    row = conn.one("SELECT value FROM meta WHERE key = ?", [PUBLISHED_MARK + school])
+    try:
+        model = json.loads(row[0]).get("model") if row else None
+    except (ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) and model != NO_MODEL else None
 
 
 def published_schools(conn: Connection) -> list[str]:
