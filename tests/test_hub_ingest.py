@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hub_support import gate_event, payload
+from hub_support import gate_event, payload, write_hub_config
 
+from appliance.cli import main as cli_main
 from appliance.config import parse_hub_config
 from appliance.hub.ingest import Incoming, Ingest
 from appliance.hub.resync import Resyncer, missing_ranges
@@ -222,3 +224,35 @@ def test_refused_payloads_are_kept_30_days_for_diagnosis_then_deleted(hub_store:
     finally:
         conn.close()
         service.resyncer.conn.close()
+
+
+def test_a_gate_belongs_to_the_school_it_was_first_heard_from(
+    hub_store: Store, hub_conn: Connection, tmp_path: Path
+) -> None:
+    """A district hub: a stolen gate-01 login of thcs-a speaking on thcs-b's topics is refused (it would be sent
+    thcs-b's roster); IT moving the gate forgets it first."""
+    ingest = Ingest(hub_conn, "edugate")
+
+    def status(school: str) -> Incoming:
+        data = online_status("gate-01", [], None, True, 0, None, 0, "a" * 32)
+        return Incoming(f"edugate/{school}/gate-01/status", data, lambda: None)
+
+    ingest.store_batch([status("thcs-a"), incoming(gate_event("gate-01", 1))])
+    other_event = gate_event("gate-01", 2)
+    ingest.store_batch([status("thcs-b"), incoming(other_event, topic="edugate/thcs-b/gate-01/events")])
+    assert hub_conn.all("SELECT device, school FROM devices") == [("gate-01", "thcs-a")]
+    assert hub_conn.all("SELECT school, seq FROM events") == [("thcs-a", 1)]
+    reasons = [r[0] for r in hub_conn.all("SELECT reason FROM rejected_messages")]
+    assert reasons == ["gate-01 is a gate of thcs-a, not of thcs-b (a gate moved to another school: run "
+                       "`edugate hub gates forget gate-01` first)"] * 2  # fmt: skip
+
+    database = hub_store.config.model_dump(mode="json", exclude_none=True)
+    config = write_hub_config(tmp_path / "hub.toml", {"database": database})
+    listed = CliRunner().invoke(cli_main, ["hub", "gates", "list", "--config", str(config)])
+    assert listed.exit_code == 0 and listed.output.startswith("thcs-a/gate-01: online since ")
+    forgot = CliRunner().invoke(cli_main, ["hub", "gates", "forget", "gate-01", "--config", str(config)])
+    assert forgot.exit_code == 0, forgot.output
+    ingest.store_batch([status("thcs-b")])
+    assert hub_conn.all("SELECT device, school FROM devices") == [("gate-01", "thcs-b")]
+    again = CliRunner().invoke(cli_main, ["hub", "gates", "forget", "gate-09", "--config", str(config)])
+    assert again.exit_code == 1 and "no gate gate-09 at this hub" in again.stderr

@@ -62,3 +62,6 @@ from appliance.cli.hub_roster import hub_roster, hub_templates  # noqa: E402  (t
 
 hub.add_command(hub_roster)
 hub.add_command(hub_templates)
+from appliance.cli.hub_gates import hub_gates  # noqa: E402  (it uses hub_config_option)
+
+hub.add_command(hub_gates)

@@ -171,6 +171,24 @@ class Ingest:
         self.zone = zone
         self.hooks = hooks if hooks is not None else []  # the caller may add hooks to its list later
         self.stats = IngestStats()
+        self._schools: dict[str, str] = {}  # device -> its school, as confirmed by the devices table
+
+    def _check_school(self, school: str, device: str) -> None:
+        """A gate belongs to the school the hub first heard it from.
+
+        The broker's ACL ties a login to its gate id, not to a school: a stolen gate's login could otherwise
+        speak for a gate of that name in another school of a district hub, and be sent that school's roster.
+        """
+        if self._schools.get(device) == school:
+            return
+        row = self.conn.one("SELECT school FROM devices WHERE device = ?", [device])
+        if row is not None and row[0] != school:
+            raise Rejected(
+                f"{device} is a gate of {row[0]}, not of {school} (a gate moved to another school: run "
+                f"`edugate hub gates forget {device}` first)"
+            )
+        if row is not None:
+            self._schools[device] = school
 
     def store_batch(self, batch: list[Incoming]) -> None:
         """One transaction for the batch, then every message's ack (never before the commit).
@@ -261,6 +279,7 @@ class Ingest:
         if where is None:
             raise Rejected("not a gate topic")
         school, device, kind = where
+        self._check_school(school, device)
         try:
             data = json.loads(message.payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
