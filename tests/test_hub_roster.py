@@ -27,7 +27,8 @@ from sync_support import BASE, DEVICE, SCHOOL
 from appliance.cli import main
 from appliance.config import load_hub_config
 from appliance.hub.catch_up import CatchUpWorker, catch_up, gates_to_catch_up
-from appliance.hub.publish import PUBLISHED_MARK, Item, _record
+from appliance.hub.publish import Item, _record
+from appliance.hub.publish_lease import PUBLISHED_MARK
 from appliance.hub.roster import hub_sealer, hub_templates, import_templates
 from appliance.hub.store import Connection, Store
 from appliance.journal import open_database

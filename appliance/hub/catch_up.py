@@ -17,15 +17,8 @@ from collections.abc import Callable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.config import HubConfig
-from appliance.hub.publish import (
-    PublishError,
-    PublishReport,
-    known_devices,
-    publish,
-    published_model,
-    published_schools,
-    stored_gate_keys,
-)
+from appliance.hub.publish import PublishError, PublishReport, known_devices, publish, stored_gate_keys
+from appliance.hub.publish_lease import published_model, published_schools
 from appliance.hub.roster import template_models
 from appliance.hub.rounds import RoundWorker
 from appliance.hub.store import Connection, Store

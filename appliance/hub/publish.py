@@ -35,48 +35,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
-import socket
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.config import HubConfig
+from appliance.hub.broker_session import STATUS_WAIT, BrokerSession, PublishError
+from appliance.hub.publish_lease import LOCK_MARGIN, give_back, mark_published, take_lease
 from appliance.hub.roster import TemplateKeyError, hub_sealer, hub_templates, roster_people, template_models
 from appliance.hub.store import Connection
 from appliance.sync.downlink import new_message, schema_problem
 from appliance.sync.sealed_transport import SEALED_FIELD, seal, sealed_context
 from appliance.sync.signing import sign
 from appliance.sync.topics import Topics
-from appliance.sync.transport import (
-    NO_MATCHING_SUBSCRIBERS,
-    TransportConfigError,
-    describe_connect_error,
-    describe_refusal,
-    read_password,
-    tls_context,
-)
+from appliance.sync.transport import NO_MATCHING_SUBSCRIBERS
 
 log = logging.getLogger(__name__)
 
 STREAMS = ("roster", "templates")
 NO_MODEL = "none"  # the model of a templates message that only erases (nothing in ``set``)
-STATUS_WAIT = 3.0  # seconds for the broker to hand over the gates' retained status messages
 PACKET_OVERHEAD = 64  # fixed header, topic length, packet id and properties of a PUBLISH, besides topic and payload
-
-
-class PublishError(Exception):
-    """Nothing could be published (no roster, no broker); the message says what to do."""
 
 
 def digest(body: dict[str, Any]) -> str:
@@ -300,144 +282,6 @@ def sign_items(items: list[Item], key: Ed25519PrivateKey) -> None:
         item.body = None
 
 
-class BrokerSession:
-    """A short MQTT 5 session of the hub: clean start, no session left at the broker, every PUBACK awaited.
-
-    Not the daemon's MqttTransport: that one keeps a persistent session, which for a one-off
-    command would leave the broker queueing gates' results for a client that never returns.
-    """
-
-    def __init__(self, config: HubConfig) -> None:
-        link = config.mqtt
-        self.link = link
-        for name in ("ca_file", "cert_file", "key_file"):
-            path = getattr(link, name)
-            if path is not None and not os.access(path, os.R_OK):
-                raise TransportConfigError(f"mqtt.{name} {path}: missing or not readable by this user")
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"edugate-{config.hub.id}-publish-{os.getpid()}",
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=False,  # a lost connection ends the command; nothing is resent behind its back
-        )
-        self.client.username_pw_set(link.username or "hub", read_password(link))
-        if link.tls:
-            self.client.tls_set_context(tls_context(link))
-        self.client.on_connect = self._on_connect
-        self.client.on_publish = self._on_publish
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.client.on_disconnect = self._on_disconnect
-        self._cond = threading.Condition()
-        self._connack: ReasonCode | None = None
-        self.lost: str | None = None  # why the connection ended, once it has
-        self.max_packet: int | None = None
-        self._acks: dict[int, ReasonCode] = {}
-        self._subacks: set[int] = set()
-        self.results: dict[str, dict[str, Any]] = {}
-        self.wanted: set[str] = set()
-        self.template_keys: dict[tuple[str, str], str] = {}  # (school, gate) -> the gate's public template key
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
-        with self._cond:
-            self._connack = reason
-            self.max_packet = getattr(props, "MaximumPacketSize", None)
-            self._cond.notify_all()
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
-        with self._cond:
-            self.lost = str(reason)
-            self._cond.notify_all()
-
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
-        with self._cond:
-            self._acks[mid] = reason
-            self._cond.notify_all()
-
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
-        with self._cond:
-            self._subacks.add(mid)
-            self._cond.notify_all()
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        try:
-            result = json.loads(message.payload)
-        except ValueError:
-            return
-        if message.topic.endswith("/status"):
-            self._status(message.topic, result)
-            return
-        if isinstance(result, dict) and result.get("ref") in self.wanted:
-            with self._cond:
-                self.results[result["ref"]] = result
-                self._cond.notify_all()
-
-    def _status(self, topic: str, status: Any) -> None:
-        """A gate's retained status: only that gate's login may write it, so its template key is the gate's."""
-        parts = topic.split("/")
-        if len(parts) < 4 or not isinstance(status, dict) or not isinstance(status.get("template_key"), str):
-            return
-        with self._cond:
-            self.template_keys[(parts[-3], parts[-2])] = status["template_key"]
-            self._cond.notify_all()
-
-    def gate_keys(
-        self, prefix: str, wanted: set[tuple[str, str]], timeout: float = STATUS_WAIT
-    ) -> dict[tuple[str, str], str]:
-        """The template keys of ``wanted`` (school, gate) from their retained status messages."""
-        for school, device in sorted(wanted):
-            self.subscribe(Topics(prefix, school, device).status)
-        self._wait(lambda: wanted <= set(self.template_keys), timeout)
-        with self._cond:
-            return dict(self.template_keys)
-
-    def _wait(self, done: Any, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(done, timeout)
-
-    def connect(self, timeout: float = 15.0) -> None:
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 0
-        try:
-            self.client.connect(
-                self.link.host, self.link.port, keepalive=self.link.keepalive, clean_start=True, properties=properties
-            )
-        except (OSError, ValueError) as exc:
-            raise PublishError(describe_connect_error(exc, self.link)) from None
-        self.client.loop_start()
-        if not self._wait(lambda: self._connack is not None, timeout):
-            self.close()
-            raise PublishError(f"no answer from the broker at {self.link.host}:{self.link.port} within {timeout:.0f} s")
-        assert self._connack is not None
-        if self._connack.is_failure:
-            self.close()
-            raise PublishError(describe_refusal(self._connack))
-
-    def subscribe(self, topic: str, timeout: float = 10.0) -> None:
-        _, mid = self.client.subscribe(topic, qos=1)
-        if not self._wait(lambda: mid in self._subacks, timeout):
-            raise PublishError(f"the broker did not confirm the subscription to {topic}")
-
-    def publish(self, topic: str, payload: bytes) -> int:
-        info = self.client.publish(topic, payload, qos=1, retain=True)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise PublishError(f"could not queue a message on {topic}: {mqtt.error_string(info.rc)}")
-        return info.mid
-
-    def acks(self, mids: list[int], timeout: float) -> dict[int, ReasonCode]:
-        self._wait(lambda: all(m in self._acks for m in mids) or self.lost is not None, timeout)
-        with self._cond:
-            return {m: self._acks[m] for m in mids if m in self._acks}
-
-    def wait_results(self, refs: set[str], timeout: float) -> None:
-        self._wait(lambda: refs <= set(self.results), timeout)
-
-    def close(self) -> None:
-        if self.client.is_connected():
-            self.client.disconnect()
-        self.client.loop_stop()
-
-
 def _too_large(item: Item, topic: str, limit: int | None) -> str | None:
     if limit is None or item.size + len(topic.encode()) + PACKET_OVERHEAD <= limit:
         return None
@@ -531,7 +375,7 @@ def publish(
     leases: dict[str, str] = {}
     try:
         for name in schools:
-            taken, lease = _lock(conn, name, ack_timeout + wait + STATUS_WAIT + LOCK_MARGIN)
+            taken, lease = take_lease(conn, name, ack_timeout + wait + STATUS_WAIT + LOCK_MARGIN)
             if not taken:
                 report.busy.append(name)
                 report.errors.append(f"{name}: {lease}")
@@ -540,7 +384,7 @@ def publish(
         return _publish_locked(conn, config, key, report, list(leases), extra, force, model, wait, ack_timeout, only)
     finally:
         for name, lease in leases.items():
-            _unlock(conn, name, lease)
+            give_back(conn, name, lease)
 
 
 def _publish_locked(
@@ -570,7 +414,7 @@ def _publish_locked(
                 f"{name}: no known gates (a gate is known once the hub has its status; name one with --device)"
             )
         plans.append(plan)
-        _mark_published(conn, name, plan.bodies.get("templates", ({}, ""))[0].get("model"))
+        mark_published(conn, name, plan.bodies.get("templates", ({}, ""))[0].get("model"))
     keys = stored_gate_keys(conn, [plan.school for plan in plans])
     unknown = {
         (plan.school, device)
@@ -607,75 +451,6 @@ def _publish_locked(
         if session is not None:
             session.close()
     return report
-
-
-PUBLISHED_MARK = "publish/"  # meta key prefix: a school whose roster IT has published (catch-up follows it)
-LOCK_PREFIX = "publish-lock/"  # meta key prefix: "<holder>|<until>" while a publish to the school is under way
-LOCK_MARGIN = 120.0  # seconds a lease outlives the longest a publish should take (a killed one frees it then)
-
-
-def _lock(conn: Connection, school: str, seconds: float) -> tuple[bool, str]:
-    """Take the school's publish lease: (True, its value), or (False, why not).
-
-    One publish to a school at a time, across CLI commands, the hub's catch-up and hub instances: between
-    reading the roster and recording what the broker acknowledged, another one would race it for the gates'
-    versions (and could send an older roster last). A lease, not a lock held by a connection, so a publish
-    killed half-way frees the school when its time is up.
-    """
-    now = datetime.now(UTC)
-    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    value = f"{holder}|{(now + timedelta(seconds=seconds)).isoformat(timespec='seconds')}"
-    key = LOCK_PREFIX + school
-    with conn.transaction():
-        added = conn.execute(
-            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING", [key, value]
-        ).rowcount
-        if added == 1:
-            return True, value
-        row = conn.one("SELECT value FROM meta WHERE key = ?", [key])
-        held = str(row[0]) if row else ""
-        other, _, until = held.rpartition("|")
-        try:
-            expired = datetime.fromisoformat(until) <= now
-        except ValueError:
-            expired = True
-        swap = "UPDATE meta SET value = ? WHERE key = ? AND value = ?"
-        if expired and conn.execute(swap, [value, key, held]).rowcount == 1:
-            return True, value
-    return False, f"another publish to this school is under way ({other}, until {until[11:19]} UTC); run it again then"
-
-
-def _unlock(conn: Connection, school: str, lease: str) -> None:
-    with conn.transaction():
-        conn.execute("DELETE FROM meta WHERE key = ? AND value = ?", [LOCK_PREFIX + school, lease])
-
-
-def _mark_published(conn: Connection, school: str, model: str | None) -> None:
-    """The school's roster (and templates of ``model``) are meant for its gates from now on, even if no gate
-    could be sent them yet."""
-    value = json.dumps({"at": datetime.now(UTC).isoformat(timespec="seconds"), "model": model})
-    with conn.transaction():
-        conn.execute(
-            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [PUBLISHED_MARK + school, value],
-        )
-
-
-def published_model(conn: Connection, school: str) -> str | None:
-    """The templates model the school's last publish sent (catch-up sends the same one)."""
-    row = conn.one("SELECT value FROM meta WHERE key = ?", [PUBLISHED_MARK + school])
-    try:
-        model = json.loads(row[0]).get("model") if row else None
-    except (ValueError, AttributeError):
-        return None
-    return model if isinstance(model, str) and model != NO_MODEL else None
-
-
-def published_schools(conn: Connection) -> list[str]:
-    """Schools `roster publish` ran for (marked since schema 2; before, a row in ``published`` says so)."""
-    rows = conn.all("SELECT key FROM meta WHERE key LIKE ?", [PUBLISHED_MARK + "%"])
-    marked = {str(r[0])[len(PUBLISHED_MARK) :] for r in rows}
-    return sorted(marked | {str(r[0]) for r in conn.all("SELECT DISTINCT school FROM published")})
 
 
 def _connected(config: HubConfig) -> BrokerSession:
