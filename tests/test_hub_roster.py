@@ -28,7 +28,7 @@ from appliance.cli import main
 from appliance.config import load_hub_config
 from appliance.hub.catch_up import CatchUpWorker, catch_up, gates_to_catch_up
 from appliance.hub.publish import Item, _record
-from appliance.hub.publish_lease import PUBLISHED_MARK
+from appliance.hub.publish_lease import PUBLISHED_MARK, mark_published, published_model
 from appliance.hub.roster import hub_sealer, hub_templates, import_templates
 from appliance.hub.store import Connection, Store
 from appliance.journal import open_database
@@ -743,8 +743,9 @@ def test_catch_up_sends_the_model_of_the_last_publish_and_rests_a_failing_school
         )
         conn.execute("INSERT INTO meta(key, value) VALUES (?, '{}')", [PUBLISHED_MARK + SCHOOL])  # no model known
 
-        first = worker.run_once()
+        first = worker.run_once()  # which model's templates? The gate gets its roster meanwhile
         assert len(first.errors) == 1 and first.errors[0].startswith(f"{SCHOOL}: templates of several models")
+        assert [(i.stream, i.state) for i in first.items] == [("roster", "offline")]
         second = worker.run_once()  # the school rests: no new try, no new log line
         assert (second.errors, second.items) == ([], [])
         assert sum("several models" in r.getMessage() for r in caplog.records) == 1
@@ -753,7 +754,10 @@ def test_catch_up_sends_the_model_of_the_last_publish_and_rests_a_failing_school
         worker._failed.clear()  # ten minutes later
         third = worker.run_once()
         assert third.errors == []
-        assert {(i.stream, i.state) for i in third.items} == {("roster", "offline"), ("templates", "offline")}
+        assert {(i.stream, i.state) for i in third.items} == {("roster", "unchanged"), ("templates", "offline")}
+        assert published_model(conn, SCHOOL) == MODEL
+        mark_published(conn, SCHOOL, None)  # a publish that sent no templates
+        assert published_model(conn, SCHOOL) == MODEL
         message = retained_templates(broker)
         assert message["body"]["model"] == MODEL
         sealed = message["body"]["sealed"]

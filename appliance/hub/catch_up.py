@@ -73,11 +73,20 @@ def catch_up(
     for school, devices in gates_to_catch_up(conn, config).items():
         if skip(school):
             continue
+        models = template_models(conn, school)
         model = published_model(conn, school)
-        if model is not None and model not in template_models(conn, school):
-            model = None  # its templates are gone since: whatever the hub holds now
+        if model not in models:
+            model = models[0] if len(models) == 1 else None  # gone since: whatever the hub holds now
+        roster_only = model is None and len(models) > 1
+        if roster_only:
+            report.errors.append(
+                f"{school}: templates of several models at the hub ({', '.join(models)}) and no publish chose one: "
+                "the catch-up sends the roster only; run `edugate hub roster publish --model M` once"
+            )
         try:
-            done = publish(conn, config, key, school=school, devices=devices, only=True, model=model)
+            done = publish(
+                conn, config, key, school=school, devices=devices, only=True, model=model, roster_only=roster_only
+            )
         except PublishError as exc:
             report.errors.append(f"{school}: {exc}")
             continue

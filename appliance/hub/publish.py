@@ -145,10 +145,16 @@ def templates_body(conn: Connection, config: HubConfig, school: str, model: str 
 
 
 def plan_school(
-    conn: Connection, config: HubConfig, school: str, extra: Iterable[str], model: str | None, only: bool = False
+    conn: Connection,
+    config: HubConfig,
+    school: str,
+    extra: Iterable[str],
+    model: str | None,
+    only: bool = False,
+    roster_only: bool = False,
 ) -> SchoolPlan:
     """What each gate of the school (or, with ``only``, each gate in ``extra``) should hold; refuses an empty
-    roster (it would deactivate everyone)."""
+    roster (it would deactivate everyone). ``roster_only`` leaves the templates out."""
     devices = sorted(set(extra) if only else set(known_devices(conn, school)) | set(extra))
     people = roster_people(conn, school)
     if not people:
@@ -158,7 +164,9 @@ def plan_school(
         "roster": ({"people": people}, f"{len(people)} people, {active} active")
     }
     notes: list[str] = []
-    if template_models(conn, school):
+    if roster_only:
+        notes.append("templates not sent: the roster only was asked for")
+    elif template_models(conn, school):
         bodies["templates"] = templates_body(conn, config, school, model)
     elif conn.one("SELECT 1 FROM published WHERE school = ? AND stream = 'templates'", [school]):
         # Every template was erased at the hub after some were published: erase them on the gates too.
@@ -361,10 +369,12 @@ def publish(
     wait: float = 0.0,
     ack_timeout: float = 30.0,
     only: bool = False,
+    roster_only: bool = False,
 ) -> PublishReport:
     """Plan, sign, send and (with ``wait``) collect the gates' answers; the report says what happened per gate.
 
-    ``devices`` are published to besides the known gates, or instead of them with ``only``.
+    ``devices`` are published to besides the known gates, or instead of them with ``only``; ``roster_only``
+    sends no templates.
     """
     report = PublishReport()
     extra = list(devices)
@@ -381,7 +391,9 @@ def publish(
                 report.errors.append(f"{name}: {lease}")
                 continue
             leases[name] = lease
-        return _publish_locked(conn, config, key, report, list(leases), extra, force, model, wait, ack_timeout, only)
+        return _publish_locked(
+            conn, config, key, report, list(leases), extra, force, model, wait, ack_timeout, only, roster_only
+        )
     finally:
         for name, lease in leases.items():
             give_back(conn, name, lease)
@@ -399,12 +411,13 @@ def _publish_locked(
     wait: float,
     ack_timeout: float,
     only: bool,
+    roster_only: bool,
 ) -> PublishReport:
     """Plan, seal, sign and send to ``schools``, whose publish leases this call holds."""
     plans: list[SchoolPlan] = []
     for name in schools:
         try:
-            plan = plan_school(conn, config, name, extra, model, only)
+            plan = plan_school(conn, config, name, extra, model, only, roster_only)
         except (PublishError, TemplateKeyError) as exc:
             report.errors.append(str(exc))
             continue

@@ -60,7 +60,8 @@ def give_back(conn: Connection, school: str, lease: str) -> None:
 
 def mark_published(conn: Connection, school: str, model: str | None) -> None:
     """The school's roster (and templates of ``model``) are meant for its gates from now on, even if no gate
-    could be sent them yet."""
+    could be sent them yet. A publish without templates keeps the model an earlier one chose."""
+    model = model or published_model(conn, school)
     value = json.dumps({"at": datetime.now(UTC).isoformat(timespec="seconds"), "model": model})
     with conn.transaction():
         conn.execute(
