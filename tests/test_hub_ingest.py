@@ -254,5 +254,8 @@ def test_a_gate_belongs_to_the_school_it_was_first_heard_from(
     assert forgot.exit_code == 0, forgot.output
     ingest.store_batch([status("thcs-b")])
     assert hub_conn.all("SELECT device, school FROM devices") == [("gate-01", "thcs-b")]
+    ingest.store_batch([status("thcs-a"), incoming(gate_event("gate-01", 3))])  # the running hub forgot it too
+    assert hub_conn.all("SELECT device, school FROM devices") == [("gate-01", "thcs-b")]
+    assert hub_conn.all("SELECT school, seq FROM events") == [("thcs-a", 1)]  # seq 3 on thcs-a's topic refused
     again = CliRunner().invoke(cli_main, ["hub", "gates", "forget", "gate-09", "--config", str(config)])
     assert again.exit_code == 1 and "no gate gate-09 at this hub" in again.stderr

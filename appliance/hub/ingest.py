@@ -181,6 +181,7 @@ class Ingest:
         """
         if self._schools.get(device) == school:
             return
+        self._schools.pop(device, None)  # forgotten (`hub gates forget`) or moved since it was cached
         row = self.conn.one("SELECT school FROM devices WHERE device = ?", [device])
         if row is not None and row[0] != school:
             raise Rejected(
@@ -356,7 +357,7 @@ class Ingest:
         self.stats.statuses += 1
         self.conn.execute(
             "INSERT INTO devices(device, school, online, status, status_at) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(device) DO UPDATE SET school = excluded.school, online = excluded.online, "
+            "ON CONFLICT(device) DO UPDATE SET online = excluded.online, "
             "status = excluded.status, status_at = excluded.status_at",
             [device, school, int(bool(data.get("online"))), json.dumps(data, ensure_ascii=False), _now()],
         )
