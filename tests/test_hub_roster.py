@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon_harness import send_taps
 from hub_support import HubProcess, hub_mqtt, write_hub_config
 from mqtt_broker import BROKER_USERS, Broker, MqttPeer, Pki
@@ -27,7 +28,7 @@ from sync_support import BASE, DEVICE, SCHOOL
 from appliance.cli import main
 from appliance.config import load_hub_config
 from appliance.hub.catch_up import CatchUpWorker, catch_up, gates_to_catch_up
-from appliance.hub.publish import Item, _record
+from appliance.hub.publish import Item, _record, sign_items
 from appliance.hub.publish_lease import PUBLISHED_MARK, mark_published, published_model
 from appliance.hub.roster import hub_sealer, hub_templates, import_templates
 from appliance.hub.store import Connection, Store
@@ -766,3 +767,17 @@ def test_catch_up_sends_the_model_of_the_last_publish_and_rests_a_failing_school
     finally:
         worker.stop()
         conn.close()
+
+
+def test_a_malformed_key_in_one_gates_status_fails_that_gate_only(tmp_path: Path) -> None:
+    good = public_text(gate_private_key(tmp_path / "gate.key"))
+    items = [
+        Item(SCHOOL, "gate-01", "roster", "", "d", version=1, sealed_to="not a key", state="pending"),
+        Item(SCHOOL, "gate-02", "roster", "", "d", version=1, sealed_to=good, state="pending"),
+    ]
+    for item in items:
+        item.body = {"people": []}
+    sign_items(items, Ed25519PrivateKey.generate())
+    assert [(i.device, i.state) for i in items] == [("gate-01", "failed"), ("gate-02", "pending")]
+    assert items[0].error is not None and items[0].error.startswith("cannot seal to the gate's template key")
+    assert items[1].payload and b"sealed" in items[1].payload

@@ -22,6 +22,7 @@ from appliance.hub.publish_lease import published_model, published_schools
 from appliance.hub.roster import template_models
 from appliance.hub.rounds import RoundWorker
 from appliance.hub.store import Connection, Store
+from appliance.sync.transport import TransportConfigError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def catch_up(
             done = publish(
                 conn, config, key, school=school, devices=devices, only=True, model=model, roster_only=roster_only
             )
-        except PublishError as exc:
+        except (PublishError, TransportConfigError) as exc:  # no broker, an unreadable CA: rest, try later
             report.errors.append(f"{school}: {exc}")
             continue
         report.items += done.items

@@ -49,7 +49,7 @@ from appliance.hub.publish_lease import LOCK_MARGIN, give_back, mark_published, 
 from appliance.hub.roster import TemplateKeyError, hub_sealer, hub_templates, roster_people, template_models
 from appliance.hub.store import Connection
 from appliance.sync.downlink import new_message, schema_problem
-from appliance.sync.sealed_transport import SEALED_FIELD, seal, sealed_context
+from appliance.sync.sealed_transport import SEALED_FIELD, TransportSealError, seal, sealed_context
 from appliance.sync.signing import sign
 from appliance.sync.topics import Topics
 from appliance.sync.transport import NO_MATCHING_SUBSCRIBERS
@@ -281,7 +281,11 @@ def sign_items(items: list[Item], key: Ed25519PrivateKey) -> None:
                 continue
             field_name = SEALED_FIELD[kind]
             plain = json.dumps(body[field_name], ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            sealed = seal(recipient, plain, sealed_context(message))
+            try:
+                sealed = seal(recipient, plain, sealed_context(message))
+            except TransportSealError as exc:  # a malformed key in that gate's status: that gate only
+                item.state, item.error = "failed", f"cannot seal to the gate's template key: {exc}"
+                continue
             message["body"] = {k: v for k, v in body.items() if k != field_name} | {"sealed": sealed}
         message = sign(key, message)
         item.nonce = message["nonce"]
@@ -418,8 +422,11 @@ def _publish_locked(
     for name in schools:
         try:
             plan = plan_school(conn, config, name, extra, model, only, roster_only)
-        except (PublishError, TemplateKeyError) as exc:
-            report.errors.append(str(exc))
+        except PublishError as exc:
+            report.errors.append(str(exc))  # names the school already
+            continue
+        except TemplateKeyError as exc:
+            report.errors.append(f"{name}: {exc}")
             continue
         report.notes += [f"{name}: {note}" for note in plan.notes]
         if not plan.devices:
