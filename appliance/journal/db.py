@@ -56,10 +56,11 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # a failed COMMIT can leave it open; SQLite may have rolled back by itself
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
