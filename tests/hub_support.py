@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from postgres_server import session_server
 
+from appliance.bench.daemon_process import end
 from appliance.config import DatabaseConfig
 from appliance.hub.store import Connection, Store
 
@@ -168,10 +169,4 @@ class HubProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end(self.proc, timeout=15)

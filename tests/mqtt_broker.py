@@ -39,6 +39,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from appliance.bench.daemon_process import end
 from appliance.bench.mqtt_broker import free_port, mosquitto_missing, mosquitto_tool
 from appliance.bench.mqtt_pki import private_pem, write_pem
 
@@ -404,15 +405,7 @@ class Broker:
         return self
 
     def _signal_and_wait(self, sig: signal.Signals, timeout: float) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end(self.proc, sig, timeout)
         _LIVE.discard(self)
 
     def stop(self, timeout: float = 10.0) -> None:

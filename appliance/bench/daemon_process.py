@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from appliance.bench.errors import BenchError
 
@@ -72,13 +72,13 @@ def wait_settled(
     return None
 
 
-def end(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
-    """Stop the child with ``sig``, and kill it if it is still there 20 s later."""
+def end(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    """Stop the child with ``sig``, and kill it if it is still there ``timeout`` seconds later."""
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(sig)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -19,7 +19,7 @@ from appliance.bench.errors import BenchError
 from appliance.bench.hub_rig import LIVE_DEVICE, POLL_SECONDS, STALL_SECONDS, hub_config, hub_transport
 from appliance.bench.lane_daemon import DaemonRun, connect_lane, daemon_toml, enroll
 from appliance.bench.mqtt_broker import SCHOOL, BenchBroker
-from appliance.bench.stats import emit, progress, summary
+from appliance.bench.stats import emit, latency_legs, progress, summary
 from appliance.bench.waiting import wait_progress
 
 TAP_GAP = (0.1, 0.3)  # seconds between two students at the gate
@@ -195,16 +195,9 @@ def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, t
         transport.stop()
         worker.stop()
         sink.stop()
-    to_webhook, to_hub, hub_to_webhook = [], [], []
-    for person, began in written.items():
-        arrived = sink.arrivals.get((person, "arrival"))
-        stored = stored_at.get(person)
-        if arrived is not None:
-            to_webhook.append((arrived - began) * 1000)
-        if stored is not None:
-            to_hub.append((stored - began) * 1000)
-        if arrived is not None and stored is not None:
-            hub_to_webhook.append((arrived - stored) * 1000)
+    to_webhook, to_hub, hub_to_webhook = latency_legs(
+        (began, sink.arrivals.get((person, "arrival")), stored_at.get(person)) for person, began in written.items()
+    )
     conn = store.connect()
     try:
         statuses = dict(conn.all("SELECT status, COUNT(*) FROM outbox GROUP BY status"))

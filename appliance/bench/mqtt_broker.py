@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.bench.daemon_process import end
 from appliance.bench.errors import BenchError
 from appliance.sync.topics import Topics
 
@@ -153,15 +154,7 @@ class BenchBroker:
         raise BenchError(f"mosquitto did not start: {self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end(self.proc, timeout=10)
         self.proc = None
 
     def log_tail(self) -> str:

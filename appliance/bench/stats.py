@@ -68,3 +68,20 @@ def machine_info() -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "loadavg_1m": load1,
     }
+
+
+def latency_legs(
+    moments: Iterable[tuple[float, float | None, float | None]],
+) -> tuple[list[float], list[float], list[float]]:
+    """Milliseconds start -> end, start -> middle and middle -> end, for each (start, end, middle) where known."""
+    to_end: list[float] = []
+    to_middle: list[float] = []
+    middle_to_end: list[float] = []
+    for began, end, middle in moments:
+        if end is not None:
+            to_end.append((end - began) * 1000)
+        if middle is not None:
+            to_middle.append((middle - began) * 1000)
+        if end is not None and middle is not None:
+            middle_to_end.append((end - middle) * 1000)
+    return to_end, to_middle, middle_to_end

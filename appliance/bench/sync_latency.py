@@ -15,7 +15,7 @@ from appliance.bench.errors import BenchError
 from appliance.bench.gate_events import live_uid
 from appliance.bench.lane_daemon import READY_TIMEOUT, DaemonRun, connect_lane, daemon_toml, enroll
 from appliance.bench.mqtt_broker import BenchBroker, events_topic
-from appliance.bench.stats import emit, progress, summary
+from appliance.bench.stats import emit, latency_legs, progress, summary
 from appliance.bench.sync_rig import LIVE_DEVICE, TAP_GAP, HubProcess, delivery
 
 
@@ -69,16 +69,9 @@ def run_daemon_latency(
         stats = journal_stats(database)
     finally:
         database.close()
-    to_hub, to_ack, ack_to_hub = [], [], []
-    for index, began in written.items():
-        arrived = arrivals.get(live_uid(index))
-        acked = daemon.acks.get(index)
-        if arrived is not None:
-            to_hub.append((arrived - began) * 1000)
-        if acked is not None:
-            to_ack.append((acked - began) * 1000)
-        if arrived is not None and acked is not None:
-            ack_to_hub.append((arrived - acked) * 1000)
+    to_hub, to_ack, ack_to_hub = latency_legs(
+        (began, arrivals.get(live_uid(index)), daemon.acks.get(index)) for index, began in written.items()
+    )
     result = {
         "bench": "sync",
         "measure": "latency",

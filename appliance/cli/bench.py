@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from appliance.cli.common import config_option, fail, friendly_errors
-from appliance.config import VisionConfig, load_config
+from appliance.cli.common import config_option, config_vision, fail, friendly_errors
 
 
 @click.group()
@@ -107,18 +106,6 @@ _models_option = click.option(
 )
 
 
-def _bench_vision(ctx: click.Context, config_path: Path, models_dir: Path | None) -> VisionConfig:
-    """The config's [vision] when a config is given or present, else the defaults; ``--models`` wins."""
-    explicit = ctx.get_parameter_source("config_path") not in (
-        click.core.ParameterSource.DEFAULT,
-        click.core.ParameterSource.DEFAULT_MAP,
-    )
-    vision = load_config(config_path).vision if explicit or config_path.exists() else VisionConfig()
-    if models_dir is not None:
-        vision = vision.model_copy(update={"models_dir": models_dir})
-    return vision
-
-
 @bench.command("accuracy")
 @click.option(
     "--dataset",
@@ -184,7 +171,7 @@ def bench_accuracy(
     from appliance.vision.models import ModelError
 
     try:
-        run_accuracy(dataset, pairs_file, threshold, margin, folds, _bench_vision(ctx, config_path, models_dir))
+        run_accuracy(dataset, pairs_file, threshold, margin, folds, config_vision(ctx, config_path, models_dir))
     except (DatasetError, ModelError) as exc:
         fail(str(exc))
 
@@ -258,7 +245,7 @@ def bench_face(
     from appliance.vision.images import ImageError
     from appliance.vision.models import ModelError
 
-    vision = _bench_vision(ctx, config_path, models_dir)
+    vision = config_vision(ctx, config_path, models_dir)
     try:
         run_face(
             faces_dir or DEFAULT_FACES,
@@ -311,7 +298,7 @@ def bench_memory(
     from appliance.bench.memory import run as run_memory
     from appliance.vision.models import ModelError
 
-    vision = _bench_vision(ctx, config_path, models_dir)
+    vision = config_vision(ctx, config_path, models_dir)
     try:
         run_memory(faces_dir or DEFAULT_FACES, vision, people, templates_per_person, seconds)
     except (BenchError, VideoError, ModelError) as exc:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from appliance.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from appliance.config import DEFAULT_CONFIG_PATH, ConfigError, VisionConfig, load_config
 from appliance.hub.store import StoreError
 from appliance.journal import JournalError
 from appliance.roster.importer import RosterFileError
@@ -72,3 +72,16 @@ def setup_logging(level: str, debug: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def config_vision(ctx: click.Context, config_path: Path, models_dir: Path | None = None) -> VisionConfig:
+    """The config's [vision] when a config is named or the default one exists, else the defaults; a given
+    ``models_dir`` wins (`models check --dir`, `bench --models`)."""
+    explicit = ctx.get_parameter_source("config_path") not in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.DEFAULT_MAP,
+    )
+    vision = load_config(config_path).vision if explicit or config_path.exists() else VisionConfig()
+    if models_dir is not None:
+        vision = vision.model_copy(update={"models_dir": models_dir})
+    return vision

