@@ -18,7 +18,7 @@ from typing import Any
 
 from appliance.config import DatabaseConfig
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added to a table after it first shipped: a hub database made before gets them at the next start.
 ADDED_COLUMNS = [("published", "sealed_to", "TEXT")]  # 2: the gate key a roster or templates was sealed to
 MIGRATE_LOCK = 0x65647567617465  # PostgreSQL advisory lock key held while creating tables ("edugate")
@@ -63,6 +63,21 @@ TABLES = [
         online INTEGER NOT NULL,
         status TEXT NOT NULL,
         status_at TEXT NOT NULL
+    )""",
+    # The gates IT registered (appliance.hub.gates owns this table's SQL): a gate's school and keys are fixed
+    # here, at provisioning; a key a gate presents later is held in pending_* until IT approves it.
+    """CREATE TABLE IF NOT EXISTS gates (
+        device TEXT PRIMARY KEY,
+        school TEXT NOT NULL,
+        template_key TEXT,
+        signing_key TEXT,
+        pending_template_key TEXT,
+        pending_signing_key TEXT,
+        pending_since TEXT,
+        refused BIGINT NOT NULL DEFAULT 0,
+        last_refusal TEXT,
+        added_at TEXT NOT NULL,
+        approved_at TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS downlink_results (
         ref TEXT NOT NULL,
