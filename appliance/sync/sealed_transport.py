@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from appliance.journal.sealing import load_or_create_key
 
 DERIVE_INFO = b"edugate gate transport key v1"
+STATUS_INFO = b"edugate gate status signing key v1"
 SEAL_INFO = b"edugate sealed templates v1"
 NONCE_BYTES = 12
 
@@ -62,6 +64,13 @@ def gate_private_key(template_key_file: Path) -> X25519PrivateKey:
     """The gate's transport key, derived from its template key (created 0600 on first use, like the journal's)."""
     seed = HKDF(SHA256(), 32, salt=None, info=DERIVE_INFO).derive(load_or_create_key(template_key_file))
     return X25519PrivateKey.from_private_bytes(seed)
+
+
+def gate_signing_key(template_key_file: Path) -> Ed25519PrivateKey:
+    """The key the gate signs its status with (appliance.sync.gate_keys), derived from the same file: a gate
+    whose key file is replaced presents new keys on both counts, and the hub holds them until IT approves."""
+    seed = HKDF(SHA256(), 32, salt=None, info=STATUS_INFO).derive(load_or_create_key(template_key_file))
+    return Ed25519PrivateKey.from_private_bytes(seed)
 
 
 def public_text(private: X25519PrivateKey) -> str:

@@ -15,9 +15,10 @@ from appliance.config import GateConfig
 from appliance.journal.db import open_database
 from appliance.journal.events import EventJournal, journal_stats
 from appliance.sync.downlink import Downlink, Hooks
-from appliance.sync.sealed_transport import gate_private_key, public_text
+from appliance.sync.gate_keys import sign_status
+from appliance.sync.sealed_transport import gate_private_key, gate_signing_key, public_text
 from appliance.sync.signing import SigningKeyError, load_public_key
-from appliance.sync.status import offline_status, online_status
+from appliance.sync.status import Signer, offline_status, online_status
 from appliance.sync.topics import Topics
 from appliance.sync.transport import MqttTransport
 from appliance.sync.uplink import Uplink
@@ -28,13 +29,18 @@ log = logging.getLogger(__name__)
 StatusSource = Callable[[], dict[str, Any]]
 
 
-def _template_key(config: GateConfig) -> str | None:
-    """The public key the hub seals this gate's roster and face templates to; without it the hub sends neither."""
+def _gate_keys(config: GateConfig) -> tuple[str | None, Signer | None]:
+    """The public key the hub seals this gate's roster and face templates to, and what signs its status; without
+    them the hub believes no status of this gate and sends it neither roster nor templates."""
     try:
-        return public_text(gate_private_key(config.vision.key_file))
+        template_key = public_text(gate_private_key(config.vision.key_file))
+        private = gate_signing_key(config.vision.key_file)
     except Exception as exc:
-        log.warning("sync: no template key (%s): the hub cannot send the roster or face templates to this gate", exc)
-        return None
+        log.warning(
+            "sync: no gate keys (%s): the hub refuses this gate's status and sends it no roster or templates", exc
+        )
+        return None, None
+    return template_key, lambda status: sign_status(private, status)
 
 
 class SyncService:
@@ -53,12 +59,12 @@ class SyncService:
         self.topics = Topics(sync.topic_prefix, config.device.school, config.device.id)
         self.status_source = status_source
         self._stats_db = open_database(config.journal.path, readonly=True)
-        self.template_key = _template_key(config)
+        self.template_key, self.signer = _gate_keys(config)
         self.transport = MqttTransport(
             sync,
             client_id=sync.client_id or f"edugate-{self.device}",
             username=sync.username or self.device,
-            will=(self.topics.status, offline_status(self.device, "connection lost", self.template_key)),
+            will=(self.topics.status, offline_status(self.device, "connection lost", self.template_key, self.signer)),
             subscriptions=(self.topics.downlink,),
             manual_ack=True,
         )
@@ -107,7 +113,9 @@ class SyncService:
             self._status_thread.join(5)
         self.uplink.stop()
         self.downlink.stop()
-        self.transport.stop(final=(self.topics.status, offline_status(self.device, "stopped", self.template_key)))
+        self.transport.stop(
+            final=(self.topics.status, offline_status(self.device, "stopped", self.template_key, self.signer))
+        )
         self._stats_db.close()
         self._downlink_db.close()
 
@@ -147,6 +155,7 @@ class SyncService:
             last_seq=stats.last_seq,
             journal=self._stats_db.journal_id,
             template_key=self.template_key,
+            signer=self.signer,
         )
 
     def health(self) -> dict[str, Any]:

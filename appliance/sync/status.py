@@ -1,19 +1,25 @@
 """The retained status message a gate keeps on ``{prefix}/{school}/{device}/status``.
 
 The hub and IT see at a glance which gates are online, how far behind they are and what is
-degraded. Nothing personal goes in it: counts and states only, and the gate's public key for
-sealed face templates (appliance.sync.sealed_transport).
+degraded. Nothing personal goes in it: counts and states only, and the gate's public keys (for
+sealed rosters and face templates, appliance.sync.sealed_transport, and for the signature the
+status carries, appliance.sync.gate_keys: the hub believes only a status signed with the key IT
+registered for the gate).
 """
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
 from appliance import __version__
 
 STATUS_SCHEMA = 1
+
+# Adds the gate's signing key and signature to a status (appliance.sync.gate_keys.sign_status).
+Signer = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def _now() -> str:
@@ -30,6 +36,7 @@ def online_status(
     last_seq: int,
     journal: str,
     template_key: str | None = None,
+    signer: Signer | None = None,
 ) -> bytes:
     age = None
     if oldest_unsynced is not None:
@@ -51,19 +58,20 @@ def online_status(
                 "last_seq": last_seq,
                 "journal": journal,
             },
-        )
+        ),
+        signer,
     )
 
 
-def offline_status(device: str, reason: str, template_key: str | None = None) -> bytes:
-    """The last will (``connection lost``) and the clean-shutdown message (``stopped``).
-
-    They keep the template key: the hub can still seal templates for a gate that is away.
+def offline_status(device: str, reason: str, template_key: str | None = None, signer: Signer | None = None) -> bytes:
+    """The last will (``connection lost``, signed when the connection is made) and the clean-shutdown message
+    (``stopped``). They keep the template key: the hub can still seal templates for a gate that is away.
     """
     return _encode(
         _with_key(
             template_key, {"schema": STATUS_SCHEMA, "device": device, "online": False, "ts": _now(), "reason": reason}
-        )
+        ),
+        signer,
     )
 
 
@@ -72,5 +80,7 @@ def _with_key(template_key: str | None, data: dict[str, Any]) -> dict[str, Any]:
     return data if template_key is None else {**data, "template_key": template_key}
 
 
-def _encode(data: dict[str, Any]) -> bytes:
+def _encode(data: dict[str, Any], signer: Signer | None = None) -> bytes:
+    if signer is not None:
+        data = signer(data)
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
