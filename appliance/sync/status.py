@@ -10,8 +10,8 @@ registered for the gate).
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from appliance import __version__
