@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from appliance import __version__
-from appliance.cli import bench, enroll, gate, hub, models, roster, sync
+from appliance.cli import bench, enroll, gate, hub, identity, models, roster, sync
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,6 +25,7 @@ for command in (
     gate.config,
     gate.events,
     gate.status,
+    identity.identity,
     roster.roster,
     enroll.enroll,
     bench.bench,

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -24,7 +24,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_FAILED, EXIT_NOT_RUNNING = 1, 3
 
 
-def fail(message: str, code: int = EXIT_FAILED) -> None:
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     click.echo(f"edugate: error: {message}", err=True)
     sys.exit(code)
 

@@ -14,7 +14,6 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.config import HubConfig
-from appliance.sync.topics import Topics
 from appliance.sync.transport import (
     TransportConfigError,
     describe_connect_error,
@@ -22,8 +21,6 @@ from appliance.sync.transport import (
     read_password,
     tls_context,
 )
-
-STATUS_WAIT = 3.0  # seconds for the broker to hand over the gates' retained status messages
 
 
 class PublishError(Exception):
@@ -66,7 +63,6 @@ class BrokerSession:
         self._subacks: set[int] = set()
         self.results: dict[str, dict[str, Any]] = {}
         self.wanted: set[str] = set()
-        self.template_keys: dict[tuple[str, str], str] = {}  # (school, gate) -> the gate's public template key
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
         with self._cond:
@@ -94,32 +90,10 @@ class BrokerSession:
             result = json.loads(message.payload)
         except ValueError:
             return
-        if message.topic.endswith("/status"):
-            self._status(message.topic, result)
-            return
         if isinstance(result, dict) and result.get("ref") in self.wanted:
             with self._cond:
                 self.results[result["ref"]] = result
                 self._cond.notify_all()
-
-    def _status(self, topic: str, status: Any) -> None:
-        """A gate's retained status: only that gate's login may write it, so its template key is the gate's."""
-        parts = topic.split("/")
-        if len(parts) < 4 or not isinstance(status, dict) or not isinstance(status.get("template_key"), str):
-            return
-        with self._cond:
-            self.template_keys[(parts[-3], parts[-2])] = status["template_key"]
-            self._cond.notify_all()
-
-    def gate_keys(
-        self, prefix: str, wanted: set[tuple[str, str]], timeout: float = STATUS_WAIT
-    ) -> dict[tuple[str, str], str]:
-        """The template keys of ``wanted`` (school, gate) from their retained status messages."""
-        for school, device in sorted(wanted):
-            self.subscribe(Topics(prefix, school, device).status)
-        self._wait(lambda: wanted <= set(self.template_keys), timeout)
-        with self._cond:
-            return dict(self.template_keys)
 
     def _wait(self, done: Any, timeout: float) -> bool:
         with self._cond:

@@ -1,9 +1,9 @@
 """Gates that missed a publish get it without waiting for IT: ``edugate hub run`` looks every
 ``signing.catch_up_every`` seconds.
 
-A gate installed after the last ``edugate hub roster publish`` is known to the hub from its first
-status (which carries its key), but the roster and templates were sent to the gates known then. A
-gate whose template key file was replaced is sent messages it can no longer open. Either way the
+A gate registered after the last ``edugate hub roster publish`` (``edugate hub gates add``) was not
+sent the roster and templates. A gate whose key change IT approved (``edugate hub gates approve``)
+holds messages it can no longer open. Either way the
 school's current roster and templates are published to that gate, and only to it (unchanged streams
 are not sent again, so a round with nothing due sends nothing and does not even connect).
 """
@@ -35,8 +35,8 @@ def gates_to_catch_up(conn: Connection, config: HubConfig) -> dict[str, list[str
 
     A school is published to once ``edugate hub roster publish`` ran for it, even if no gate could be sent
     anything then (none had said its key). Its streams are the roster, and the
-    templates when the hub holds some or sent some. A gate whose key the hub does not know (none in its status)
-    is not due: nothing can be sealed to it, and it is not tried every round.
+    templates when the hub holds some or sent some. A gate with no registered key, or a key change awaiting IT,
+    is not due: nothing is sealed to it, and it is not tried every round.
     """
     due: dict[str, list[str]] = {}
     schools = [s for s in published_schools(conn) if not config.hub.schools or s in config.hub.schools]

@@ -30,6 +30,7 @@ import jsonschema
 
 from appliance.config.hub import HubSection
 from appliance.events import event_schema
+from appliance.hub import gates
 from appliance.hub.store import Connection, Store, StoreError
 from appliance.sync.downlink import describe_schema_error
 
@@ -171,25 +172,29 @@ class Ingest:
         self.zone = zone
         self.hooks = hooks if hooks is not None else []  # the caller may add hooks to its list later
         self.stats = IngestStats()
-        self._schools: dict[str, str] = {}  # device -> its school, as confirmed by the devices table
+        self._admitted: dict[str, tuple[str, int]] = {}  # device -> (school, batch) it was admitted for
 
-    def _check_school(self, school: str, device: str) -> None:
-        """A gate belongs to the school the hub first heard it from.
+    def _check_school(self, school: str, device: str, kind: str) -> None:
+        """Only gates IT registered, on their own school's topics (appliance.hub.gates).
 
         The broker's ACL ties a login to its gate id, not to a school: a stolen gate's login could otherwise
-        speak for a gate of that name in another school of a district hub, and be sent that school's roster.
+        speak for a gate of that name in another school of a district hub. A status is let through to
+        ``_status`` even from a gate not registered: it may present keys for IT to approve. A gate is looked up
+        once per batch (a gate forgotten meanwhile is refused from the next batch on).
         """
-        if self._schools.get(device) == school:
+        cached = self._admitted.get(device)
+        if cached is not None and cached == (school, self.stats.batches):
             return
-        self._schools.pop(device, None)  # forgotten (`hub gates forget`) or moved since it was cached
-        row = self.conn.one("SELECT school FROM devices WHERE device = ?", [device])
-        if row is not None and row[0] != school:
-            raise Rejected(
-                f"{device} is a gate of {row[0]}, not of {school} (a gate moved to another school: run "
-                f"`edugate hub gates forget {device}` first)"
-            )
-        if row is not None:
-            self._schools[device] = school
+        self._admitted.pop(device, None)
+        try:
+            if kind == "status":
+                gate = gates.get(self.conn, device)
+                if gate is None or not gate.registered or gate.school == school:
+                    return
+            gates.admit(self.conn, school, device)
+        except gates.GateRefused as exc:
+            raise Rejected(str(exc)) from None
+        self._admitted[device] = (school, self.stats.batches)
 
     def store_batch(self, batch: list[Incoming]) -> None:
         """One transaction for the batch, then every message's ack (never before the commit).
@@ -280,7 +285,7 @@ class Ingest:
         if where is None:
             raise Rejected("not a gate topic")
         school, device, kind = where
-        self._check_school(school, device)
+        self._check_school(school, device, kind)
         try:
             data = json.loads(message.payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
@@ -354,6 +359,12 @@ class Ingest:
             )
 
     def _status(self, school: str, device: str, data: dict[str, Any]) -> None:
+        """Stored only when signed with the gate's registered key; a new key is held for IT (appliance.hub.gates)."""
+        gate = gates.get(self.conn, device)
+        try:
+            gates.check_status(self.conn, gate, school, device, data)
+        except gates.GateRefused as exc:
+            raise Rejected(str(exc)) from None
         self.stats.statuses += 1
         self.conn.execute(
             "INSERT INTO devices(device, school, online, status, status_at) VALUES (?, ?, ?, ?, ?) "

@@ -1,15 +1,16 @@
 """``edugate hub roster publish``: the hub's roster and face templates to every gate, signed and retained.
 
-For each gate of a school (the ``devices`` table, filled from the gates' status messages, plus
-any named on the command line) the hub builds two downlink messages: a ``roster.snapshot`` (people
-with their cards; never parents' phones or e-mails) and a ``templates`` message (every active
-person's templates of one model in ``set``; everyone else on the roster in ``remove``, so a gate
-holds exactly the hub's templates). The ``people`` and the ``set`` travel sealed to the gate's template
-key, read from its status (appliance.sync.sealed_transport), so the broker keeps no name, card number
-or face in clear; a gate whose key the hub does not know yet is sent neither. The digest is of the
-clear content. Each is signed with the hub's Ed25519 key and published at
-QoS 1 with the retain flag on ``{prefix}/{school}/{device}/downlink/{roster|templates}``: a gate
-that is offline, or installed later, gets the latest of each when it (re)connects and subscribes.
+For each registered gate of a school (appliance.hub.gates: registered by IT at provisioning) the
+hub builds two downlink messages: a ``roster.snapshot`` (people with their cards; never parents'
+phones or e-mails) and a ``templates`` message (every active person's templates of one model in
+``set``; everyone else on the roster in ``remove``, so a gate holds exactly the hub's templates).
+The ``people`` and the ``set`` travel sealed to the gate's template key as IT registered it
+(appliance.sync.sealed_transport; never a key a gate's status claims), so the broker keeps no name,
+card number or face in clear; a gate with no registered key, or with a key change awaiting IT's
+approval, is sent neither. The digest is of the clear content. Each is signed with the hub's
+Ed25519 key and published at QoS 1 with the retain flag on
+``{prefix}/{school}/{device}/downlink/{roster|templates}``: a gate that is offline, or installed
+later, gets the latest of each when it (re)connects and subscribes.
 
 One message per stream and gate, never batches: the broker keeps only the last retained message
 of a topic and a gate keeps one version per stream, so of a templates update split in parts a gate
@@ -25,9 +26,8 @@ a version is never used twice and an unchanged stream is not sent again unless f
 sealed is also recorded with the gate key it was sealed to (``sealed_to``): a gate whose key file was
 replaced has changed, and gets roster and templates again sealed to its new key.
 
-Gate keys come from the ``devices`` table (the statuses the hub's ingest stored) and, for gates it
-holds none for, from their retained status on the broker. ``appliance.hub.catch_up`` publishes by
-itself to the gates that missed a publish.
+Gate keys come from the registry (``appliance.hub.gates.sealing_keys``) only. ``appliance.hub.catch_up``
+publishes by itself to the gates that missed a publish.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.config import HubConfig
-from appliance.hub.broker_session import STATUS_WAIT, BrokerSession, PublishError
+from appliance.hub import gates
+from appliance.hub.broker_session import BrokerSession, PublishError
 from appliance.hub.publish_lease import LOCK_MARGIN, give_back, mark_published, take_lease
 from appliance.hub.roster import TemplateKeyError, hub_sealer, hub_templates, roster_people, template_models
 from appliance.hub.store import Connection
@@ -112,7 +113,8 @@ class SchoolPlan:
 
 
 def known_devices(conn: Connection, school: str) -> list[str]:
-    return [r[0] for r in conn.all("SELECT device FROM devices WHERE school = ? ORDER BY device", [school])]
+    """The school's registered gates."""
+    return gates.school_gates(conn, school)
 
 
 def schools_to_publish(conn: Connection, config: HubConfig, school: str | None) -> list[str]:
@@ -189,17 +191,8 @@ def _previous(conn: Connection, device: str, stream: str) -> tuple[int, str, str
 
 
 def stored_gate_keys(conn: Connection, schools: Iterable[str]) -> dict[tuple[str, str], str]:
-    """(school, gate) -> template key, from the last status of each gate the hub's ingest stored."""
-    keys: dict[tuple[str, str], str] = {}
-    for school in schools:
-        for device, status in conn.all("SELECT device, status FROM devices WHERE school = ?", [school]):
-            try:
-                key = json.loads(status).get("template_key")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(key, str):
-                keys[(school, device)] = key
-    return keys
+    """(school, gate) -> the template key IT registered (none for a gate whose key change awaits approval)."""
+    return gates.sealing_keys(conn, schools)
 
 
 def next_version(previous: int | None) -> int:
@@ -274,9 +267,8 @@ def sign_items(items: list[Item], key: Ed25519PrivateKey) -> None:
             if recipient is None:
                 item.state = "failed"
                 item.error = (
-                    "the gate's template key is unknown (a gate sends it in its status once it has been online); "
-                    f"the {item.stream} is only sent sealed to it: `edugate hub run` sends it once the gate has been "
-                    "online (or publish again then)"
+                    f"no registered key for this gate: the {item.stream} is only sent sealed to the key IT registered "
+                    "(`edugate hub gates list`: a key change awaits `edugate hub gates approve`)"
                 )
                 continue
             field_name = SEALED_FIELD[kind]
@@ -386,10 +378,16 @@ def publish(
     if extra and len(schools) > 1:
         # A gate may read every school's downlink under its own name (the ACL does not check the school level).
         raise PublishError(f"this hub serves {len(schools)} schools: name the gate's school with --school")
+    strangers = [d for d in extra if schools and d not in gates.school_gates(conn, schools[0])]
+    if strangers:
+        raise PublishError(
+            f"not registered gates of {schools[0]}: {', '.join(strangers)} (`edugate hub gates list`; register a gate "
+            "with `edugate hub gates add`)"
+        )
     leases: dict[str, str] = {}
     try:
         for name in schools:
-            taken, lease = take_lease(conn, name, ack_timeout + wait + STATUS_WAIT + LOCK_MARGIN)
+            taken, lease = take_lease(conn, name, ack_timeout + wait + LOCK_MARGIN)
             if not taken:
                 report.busy.append(name)
                 report.errors.append(f"{name}: {lease}")
@@ -429,24 +427,17 @@ def _publish_locked(
             report.errors.append(f"{name}: {exc}")
             continue
         report.notes += [f"{name}: {note}" for note in plan.notes]
+        report.notes += [
+            f"{name}: {device} is sent nothing: a key change awaits `edugate hub gates approve {device}`"
+            for device in gates.held(conn, name)
+        ]
         if not plan.devices:
-            report.notes.append(
-                f"{name}: no known gates (a gate is known once the hub has its status; name one with --device)"
-            )
+            report.notes.append(f"{name}: no registered gates (`edugate hub gates add`, see `edugate identity`)")
         plans.append(plan)
         mark_published(conn, name, plan.bodies.get("templates", ({}, ""))[0].get("model"))
     keys = stored_gate_keys(conn, [plan.school for plan in plans])
-    unknown = {
-        (plan.school, device)
-        for plan in plans
-        if any(sealed_stream(stream, body) for stream, (body, _) in plan.bodies.items())
-        for device in plan.devices
-    } - set(keys)
     session: BrokerSession | None = None
     try:
-        if unknown:  # gates the hub's ingest holds no status for: their retained status may have the key
-            session = _connected(config)
-            keys |= session.gate_keys(config.mqtt.topic_prefix, unknown)
         for plan in plans:
             report.items += build_items(conn, plan, force, keys)
         pending = [i for i in report.items if i.state == "pending"]
