@@ -6,6 +6,10 @@ summary first (per class counts, then the staff's first in and last out), then o
 class; the CSV holds every student of the school in the same columns, UTF-8 with a BOM so Excel
 shows Vietnamese as it is. Files are written to a temporary name and renamed, so a reader never
 sees half a report.
+
+Every text in them comes from outside (the school's roster, leave requests), so none may become a
+formula: workbook cells holding text are stored as text whatever they begin with, and a CSV field
+that Excel or LibreOffice would read as a formula (``= + - @``, tab, CR) gets OWASP's leading ``'``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import HubConfig
 from appliance.hub.attendance import (
@@ -73,6 +77,14 @@ def report_paths(config: HubConfig, school: str, day: date | str) -> ReportFiles
     return ReportFiles(folder / f"{name}.xlsx", folder / f"{name}.csv")
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def csv_field(text: str) -> str:
+    """A field a spreadsheet would run as a formula (``=HYPERLINK(...)`` as a name) gets a leading ``'``."""
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
+
+
 def _hhmm(ts: str | None, config: HubConfig) -> str:
     moment = local_time(ts, config)
     return moment.strftime("%H:%M") if moment else ""
@@ -119,16 +131,32 @@ def csv_text(students: list[StudentDay], day: date, config: HubConfig) -> str:
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(COLUMNS)
     for student in students:
-        writer.writerow(student_row(student, day, config))
+        writer.writerow([csv_field(field) for field in student_row(student, day, config)])
     return buffer.getvalue()
+
+
+def _append(sheet: Worksheet, values: list[Any]) -> None:
+    """One row; its text cells stay text: openpyxl would store any string starting with '=' as a live formula,
+    and refuses control characters (a roster may hold them), which are dropped here."""
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+    sheet.append([ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in values])
+    if not values:
+        return
+    for cell in next(sheet.iter_rows(min_row=sheet.max_row, max_row=sheet.max_row, max_col=len(values))):
+        if isinstance(cell.value, str):
+            cell.data_type = "s"
 
 
 _SHEET_JUNK = re.compile(r"[\[\]:*?/\\]")
 
 
 def _sheet_title(class_name: str, taken: set[str]) -> str:
-    """Excel sheet names: at most 31 characters, none of []:*?/\\, unique without regard to case."""
-    base = _SHEET_JUNK.sub("-", class_name).strip("'")[:31] or "Lop"
+    """Excel sheet names: at most 31 characters, none of []:*?/\\ or control characters, unique without regard
+    to case."""
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+    base = _SHEET_JUNK.sub("-", ILLEGAL_CHARACTERS_RE.sub("", class_name)).strip("'")[:31] or "Lop"
     title, n = base, 2
     while title.casefold() in taken:
         suffix = f" ({n})"
@@ -153,11 +181,11 @@ def _workbook(
     summary = book.active
     assert summary is not None
     summary.title = SUMMARY_SHEET
-    summary.append(["Trường", school])
-    summary.append(["Ngày", day])
+    _append(summary, ["Trường", school])
+    _append(summary, ["Ngày", day])
     summary["B2"].number_format = DATE_FORMAT
-    summary.append([])
-    summary.append([*SUMMARY_COLUMNS, "Giờ vào học", "Giờ chốt vắng"])
+    _append(summary, [])
+    _append(summary, [*SUMMARY_COLUMNS, "Giờ vào học", "Giờ chốt vắng"])
     for cell in summary[4]:
         cell.font = bold
     by_class: dict[str, list[StudentDay]] = {}
@@ -165,7 +193,8 @@ def _workbook(
         by_class.setdefault(student.class_name, []).append(student)
     for name, members in by_class.items():
         counts = count(members)
-        summary.append(
+        _append(
+            summary,
             [
                 name,
                 counts["total"],
@@ -176,10 +205,11 @@ def _workbook(
                 counts[PENDING],
                 class_start(config, name).strftime("%H:%M"),
                 cutoff(config, day, name).strftime("%H:%M"),
-            ]
+            ],
         )
     totals = count(students)
-    summary.append(
+    _append(
+        summary,
         [
             "Toàn trường",
             totals["total"],
@@ -188,7 +218,7 @@ def _workbook(
             totals[ABSENT_PERMITTED],
             totals[ABSENT_UNEXCUSED],
             totals[PENDING],
-        ]
+        ],
     )
     for cell in summary[summary.max_row]:
         cell.font = bold
@@ -197,13 +227,14 @@ def _workbook(
     taken = {SUMMARY_SHEET.casefold(), STAFF_SHEET.casefold()}
     for name, members in by_class.items():
         sheet = book.create_sheet(_sheet_title(name, taken))
-        sheet.append(list(COLUMNS))
+        _append(sheet, list(COLUMNS))
         for cell in sheet[1]:
             cell.font = bold
         for student in members:
             arrival = local_time(student.arrival_ts, config)
             departure = local_time(student.departure_ts, config)
-            sheet.append(
+            _append(
+                sheet,
                 [
                     student.person,
                     student.full_name,
@@ -213,7 +244,7 @@ def _workbook(
                     arrival.time().replace(second=0, microsecond=0) if arrival else None,
                     departure.time().replace(second=0, microsecond=0) if departure else None,
                     student.leave_reason,
-                ]
+                ],
             )
             row = sheet.max_row
             sheet.cell(row, 4).number_format = DATE_FORMAT
@@ -223,20 +254,21 @@ def _workbook(
         _widths(sheet, [16, 28, 8, 12, 16, 9, 9, 30])
 
     people = book.create_sheet(STAFF_SHEET)
-    people.append(list(STAFF_COLUMNS))
+    _append(people, list(STAFF_COLUMNS))
     for cell in people[1]:
         cell.font = bold
     for member in staff:
         first_in = local_time(member.first_in, config)
         last_out = local_time(member.last_out, config)
-        people.append(
+        _append(
+            people,
             [
                 member.person,
                 member.full_name,
                 first_in.time().replace(second=0, microsecond=0) if first_in else None,
                 last_out.time().replace(second=0, microsecond=0) if last_out else None,
                 member.minutes_late,
-            ]
+            ],
         )
         people.cell(people.max_row, 3).number_format = TIME_FORMAT
         people.cell(people.max_row, 4).number_format = TIME_FORMAT
