@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -170,3 +171,66 @@ class HubProcess:
 
     def stop(self) -> None:
         end(self.proc, timeout=15)
+
+
+class RegisteredGate:
+    """A gate's keys as the hub registers them (derived from its template key file, as on a real gate)."""
+
+    def __init__(self, school: str, device: str, key_file: Path) -> None:
+        from appliance.sync.sealed_transport import gate_private_key, gate_signing_key, public_text
+
+        self.school, self.device, self.key_file = school, device, key_file
+        self.template_key = public_text(gate_private_key(key_file))
+        self.signing = gate_signing_key(key_file)
+
+    @property
+    def signing_key_text(self) -> str:
+        from appliance.sync.gate_keys import signing_key_text
+
+        return signing_key_text(self.signing)
+
+    def status(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` with this gate's template key, signed as the gate signs its status."""
+        from appliance.sync.gate_keys import sign_status
+
+        return sign_status(self.signing, {**data, "template_key": self.template_key})
+
+    def status_payload(self, data: dict[str, Any]) -> bytes:
+        return payload(self.status(data))
+
+
+def register_gate(conn: Connection, school: str, device: str, key_file: Path | None = None) -> RegisteredGate:
+    """Register a gate at the hub as IT does with `edugate hub gates add` (keys made when no file is given)."""
+    from appliance.hub import gates
+
+    if key_file is None:
+        key_file = Path(tempfile.mkdtemp(prefix="edugate-test-keys-")) / f"{device}.key"
+    gate = RegisteredGate(school, device, key_file)
+    gates.add(conn, device, school, gate.template_key, gate.signing_key_text)
+    return gate
+
+
+def gate_identity(gate_config: Path) -> dict[str, Any]:
+    """What `edugate identity --json` prints on the gate."""
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    result = CliRunner().invoke(main, ["identity", "--json", "--config", str(gate_config)])
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.stdout))
+
+
+def register_with_cli(hub_config: Path, gate_config: Path) -> dict[str, Any]:
+    """IT's provisioning step: `edugate identity --json` on the gate, `edugate hub gates add --identity` at the hub."""
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    found = gate_identity(gate_config)
+    identity = gate_config.with_name("identity.json")
+    identity.write_text(json.dumps(found))
+    result = CliRunner().invoke(main, ["hub", "gates", "add", "--identity", str(identity), "--config", str(hub_config)])
+    assert result.exit_code == 0, result.output
+    assert found["fingerprint"] in result.stdout
+    return found

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon_harness import send_taps
-from hub_support import HubProcess, hub_mqtt, write_hub_config
+from hub_support import HubProcess, RegisteredGate, gate_identity, register_gate, register_with_cli
 from mqtt_broker import BROKER_USERS, Broker, MqttPeer, Pki
+from roster_support import MODEL, ROWS, cli, hub_toml, vectors, write_csv
 from sync_support import BASE, DEVICE, SCHOOL
 
-from appliance.cli import main
 from appliance.config import load_hub_config
+from appliance.hub import gates
 from appliance.hub.catch_up import CatchUpWorker, catch_up, gates_to_catch_up
 from appliance.hub.publish import Item, _record, sign_items
 from appliance.hub.publish_lease import PUBLISHED_MARK, mark_published, published_model
@@ -46,56 +46,6 @@ from appliance.sync.sealed_transport import (
 from appliance.sync.signing import load_private_key
 from appliance.sync.status import offline_status
 
-MODEL = "sface-test"
-HEADER = "STT,Mã học sinh,Họ và tên,Lớp,Vai trò,Mã thẻ,SĐT phụ huynh,Email phụ huynh,Trạng thái\n"
-ROWS = {
-    "HS001": "1,HS001,Nguyễn Văn An,6A,Học sinh,04A1B2C3,0912 345 678,me.an@example.vn,Đang học\n",
-    "HS002": "2,HS002,Trần Thị Bình,6A,Học sinh,04A1B2C4,0987654321,,Đang học\n",
-    "HS003": "3,HS003,Lê Hoàng Cường,7B,Học sinh,04:a1:b2:c5,,bo.cuong@example.vn,Đang học\n",
-    "GV001": "4,GV001,Phạm Thu Hà,,Giáo viên,04A1B2C6,,,\n",
-}
-
-
-def write_csv(path: Path, rows: list[str]) -> Path:
-    path.write_text(HEADER + "".join(rows), encoding="utf-8")
-    return path
-
-
-def hub_toml(
-    tmp_path: Path,
-    store: Store,
-    broker: Broker | None = None,
-    pki: Pki | None = None,
-    schools: tuple[str, ...] = (SCHOOL,),
-    catch_up_every: float = 0,
-) -> Path:
-    """hub.toml on the test's database, with a signing key made by `edugate sync keygen`."""
-    key_file = tmp_path / "hub-signing.key"
-    if not key_file.exists():
-        result = cli("sync", "keygen", "--out", str(key_file))
-        assert result.exit_code == 0, result.output
-    database: dict[str, Any] = {"url": store.url}
-    if store.config.password_file is not None:
-        database["password_file"] = str(store.config.password_file)
-    sections: dict[str, dict[str, Any]] = {
-        "hub": {"id": "hub-test", "schools": list(schools)},
-        "database": database,
-        "signing": {
-            "key_file": str(key_file),
-            "template_key_file": str(tmp_path / "hub-templates.key"),
-            "catch_up_every": catch_up_every,
-        },
-        "api": {"enabled": False},
-    }
-    if broker is not None:
-        assert pki is not None
-        sections["mqtt"] = hub_mqtt(tmp_path, broker, pki)
-    return write_hub_config(tmp_path / "hub.toml", sections)
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
 
 def people_of(conn: Connection) -> dict[str, tuple[Any, ...]]:
     rows = conn.all(
@@ -104,12 +54,6 @@ def people_of(conn: Connection) -> dict[str, tuple[Any, ...]]:
         [SCHOOL],
     )
     return {r[0]: (r[1], r[2], r[3], bool(r[4]), json.loads(r[5]), json.loads(r[6]), json.loads(r[7])) for r in rows}
-
-
-def vectors(seed: int, count: int = 3, dim: int = 128) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    rows = rng.standard_normal((count, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def enroll_on_a_gate(folder: Path, people: dict[str, np.ndarray]) -> tuple[Path, Path]:
@@ -309,11 +253,12 @@ def test_publish_reaches_a_real_gate_and_only_changes_are_sent_again(
     try:
         gate = gate_factory(broker, hub_key=key)
         face_key = gate.face_key
-        gate.start()
         conn = hub_store.connect()
+        register_gate(conn, SCHOOL, DEVICE, face_key)  # as IT does at provisioning
+        gate.start()
         try:
-            # The gate is known from its status message, which the hub stored.
-            wait(lambda: conn.one("SELECT 1 FROM devices WHERE device = ?", [DEVICE]), 20, "gate-01 known")
+            # The hub believes the gate's signed status.
+            wait(lambda: conn.one("SELECT 1 FROM devices WHERE device = ?", [DEVICE]), 20, "gate-01's status")
 
             result = cli("hub", "roster", "publish", "--wait", "20", "--config", str(config))
             assert result.exit_code == 0, result.output
@@ -386,15 +331,15 @@ def test_an_offline_gate_gets_the_retained_roster_when_it_starts(
                SCHOOL, "--config", str(config)).exit_code == 0  # fmt: skip
     results = subscriber_factory(topics=[f"{BASE}/result"])
 
-    # No gate has ever connected: the hub knows none, so it is named.
+    # No gate is registered: the hub sends to none, and says so.
     result = cli("hub", "roster", "publish", "--config", str(config))
-    assert result.exit_code == 0 and "no known gates" in result.stdout
-    # A gate that was never online: its key is unknown, and nothing goes to it in clear.
+    assert result.exit_code == 0 and "no registered gates" in result.stdout
+    # A gate IT never registered is sent nothing, even when named.
     result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config))
-    assert result.exit_code == 1 and "roster: NOT SENT: the gate's template key is unknown" in result.stderr
-    # Once it has been online (its will keeps its key on the broker), it is sent the roster while away.
+    assert result.exit_code == 1 and f"not registered gates of {SCHOOL}: {DEVICE}" in result.stderr
+    # Registered (with the keys `edugate identity` shows on it), it is sent the roster while away.
     gate = gate_factory(broker, hub_key=key)
-    announce_key(broker, gate.face_key)
+    register_with_cli(config, gate.config)
     result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config))
     assert result.exit_code == 0, result.output
     assert "roster: version" in result.stdout and "gate offline: it gets it when it connects" in result.stdout
@@ -426,7 +371,7 @@ def test_a_tampered_retained_roster_is_refused_and_force_restores_it(
     assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
                SCHOOL, "--config", str(config)).exit_code == 0  # fmt: skip
     gate = gate_factory(broker, hub_key=key)
-    announce_key(broker, gate.face_key)
+    register_with_cli(config, gate.config)
     assert cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config)).exit_code == 0
     gate.start()
     wait(lambda: len(gate_roster(gate.journal)) == 4, 20, "roster applied")
@@ -481,6 +426,7 @@ def test_a_school_sized_templates_message_passes_the_production_broker(
         conn.close()
     gate = gate_factory(broker, hub_key=load_private_key(tmp_path / "hub-signing.key"))
     face_key = gate.face_key
+    register_with_cli(config_path, gate.config)
     gate.start()
     gate.wait(lambda: gate.sync_status().get("state") == "online", 15, "online")
 
@@ -509,7 +455,7 @@ def test_a_broker_limit_below_the_message_is_reported_and_retried(
     try:
         faces = {person: vectors(i, count=30) for i, person in enumerate(ROWS)}  # 120 x ~700 bytes of base64
         import_templates(conn, hub_sealer(load_hub_config(config_path), create=True), SCHOOL, {MODEL: faces})
-        announce_key(small, tmp_path / "gate-templates.key")
+        register_gate(conn, SCHOOL, DEVICE, tmp_path / "gate-templates.key")
         result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
         assert result.exit_code == 1
         assert f"{SCHOOL}/{DEVICE} templates: NOT SENT" in result.stderr and says in result.stderr
@@ -525,6 +471,9 @@ def test_a_broker_limit_below_the_message_is_reported_and_retried(
 
 def test_publish_refuses_without_a_roster_or_a_signing_key(hub_store: Store, tmp_path: Path) -> None:
     config = hub_toml(tmp_path, hub_store)
+    conn = hub_store.connect()
+    register_gate(conn, SCHOOL, DEVICE, tmp_path / "gate.key")
+    conn.close()
     result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config))
     assert result.exit_code == 1 and "no roster at the hub" in result.stderr
     (tmp_path / "hub-signing.key").unlink()
@@ -538,11 +487,11 @@ def test_publish_refuses_without_a_roster_or_a_signing_key(hub_store: Store, tmp
     assert result.exit_code == 1 and "name the gate's school with --school" in result.stderr
 
 
-def test_templates_wait_for_the_gates_key_and_are_not_sent_in_clear(
+def test_templates_go_sealed_to_the_registered_key_only_and_never_in_clear(
     hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki
 ) -> None:
-    """A gate that never said its template key gets neither roster nor templates; once its status has the
-    key, both go, sealed to it, and open only with that gate's key."""
+    """A gate IT has not registered gets neither roster nor templates, whatever its status says; once registered,
+    both go, sealed to its registered key, and open only with that gate's key."""
     config_path = hub_toml(tmp_path, hub_store, broker, pki)
     assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
                SCHOOL, "--config", str(config_path)).exit_code == 0  # fmt: skip
@@ -550,14 +499,13 @@ def test_templates_wait_for_the_gates_key_and_are_not_sent_in_clear(
     try:
         faces = {"HS001": vectors(1)}
         import_templates(conn, hub_sealer(load_hub_config(config_path), create=True), SCHOOL, {MODEL: faces})
+        key_file = tmp_path / "gate-templates.key"
+        announce_key(broker, key_file)  # a status claiming a key registers nothing
         result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
-        assert result.exit_code == 1
-        assert "templates: NOT SENT: the gate's template key is unknown" in result.stderr
-        assert "roster: NOT SENT: the gate's template key is unknown" in result.stderr
+        assert result.exit_code == 1 and "not registered gates" in result.stderr
         assert published(conn) == {}
 
-        key_file = tmp_path / "gate-templates.key"
-        announce_key(broker, key_file)
+        register_gate(conn, SCHOOL, DEVICE, key_file)
         result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
         assert result.exit_code == 0, result.output
         assert "templates: version" in result.stdout and "roster: version" in result.stdout
@@ -573,12 +521,13 @@ def test_templates_wait_for_the_gates_key_and_are_not_sent_in_clear(
         conn.close()
 
 
-def test_the_hub_catches_up_a_gate_that_missed_the_publish_and_one_whose_key_changed(
+def test_the_hub_catches_up_a_gate_registered_late_and_one_whose_new_key_it_approved(
     hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki, gate_factory: Any
 ) -> None:
-    """IT published before the gate was ever online (so nothing was sent: its key was unknown), then replaced
-    the gate's template key file. `edugate hub run` sends roster and templates each time, without another
-    publish, sealed to the key the gate has."""
+    """IT published before the gate was registered (so nothing was sent to it), then registered it: `edugate hub
+    run` sends it roster and templates without another publish. Later the gate's template key file is replaced:
+    the new key is held (logged loudly, nothing sealed to it) until IT approves it with the fingerprint
+    `edugate identity` shows on the gate; then both go again, sealed to the new key."""
     config_path = hub_toml(tmp_path, hub_store, broker, pki, catch_up_every=1)
     key = load_private_key(tmp_path / "hub-signing.key")
     assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
@@ -588,11 +537,12 @@ def test_the_hub_catches_up_a_gate_that_missed_the_publish_and_one_whose_key_cha
     hub = HubProcess(config_path)
     try:
         import_templates(conn, hub_sealer(load_hub_config(config_path), create=True), SCHOOL, {MODEL: faces})
-        result = cli("hub", "roster", "publish", "--device", DEVICE, "--config", str(config_path))
-        assert result.exit_code == 1 and "templates: NOT SENT" in result.stderr and "roster: NOT SENT" in result.stderr
+        result = cli("hub", "roster", "publish", "--config", str(config_path))
+        assert result.exit_code == 0 and "no registered gates" in result.stdout
 
         hub.start(wait_for="sync: connected")
         gate = gate_factory(broker, hub_key=key)
+        register_with_cli(config_path, gate.config)
         gate.start()
 
         def templates_held() -> list[str]:
@@ -610,16 +560,27 @@ def test_the_hub_catches_up_a_gate_that_missed_the_publish_and_one_whose_key_cha
         assert sealed_to() == {first}
         roster_version = published(conn)[(DEVICE, "roster")][0]
 
-        # The gate's key file is replaced (a new SD card, say): its templates are sealed with the old one.
+        # The gate's key file is replaced (a new SD card, say): the hub holds the key it now presents.
         gate.stop()
         gate.face_key.unlink()
         gate.start()
+        hub.wait_log("presents a NEW KEY", 30)
+        second = gate_identity(gate.config)
+        assert second["template_key"] != first
+        listing = cli("hub", "gates", "list", "--config", str(config_path))
+        assert "KEY CHANGE" in listing.stdout and second["fingerprint"] in listing.stdout
+        assert sealed_to() == {first}  # nothing sealed to a key IT has not approved
+        wrong = cli("hub", "gates", "approve", DEVICE, "--fingerprint", "0000-0000-0000-0000", "--config",
+                    str(config_path))  # fmt: skip
+        assert wrong.exit_code == 1 and "not the one the gate presents" in wrong.stderr
+
+        approved = cli("hub", "gates", "approve", DEVICE, "--fingerprint", second["fingerprint"], "--config",
+                       str(config_path))  # fmt: skip
+        assert approved.exit_code == 0, approved.output
         wait(lambda: templates_held() == ["GV001", "HS001"], 30, "templates sealed again to the new key")
-        second = public_text(gate_private_key(gate.face_key))
-        assert second != first
         held = gate_templates(gate.journal, gate.face_key)
         assert all(np.array_equal(held[p], faces[p]) for p in faces)
-        wait(lambda: sealed_to() == {second}, 10, "roster sealed again to the new key")
+        wait(lambda: sealed_to() == {second["template_key"]}, 10, "roster sealed again to the new key")
         version = published(conn)[(DEVICE, "roster")][0]
         assert version > roster_version
         wait(lambda: gate_meta(gate.journal, "downlink.roster") == str(version), 10, "the new roster version applied")
@@ -630,50 +591,53 @@ def test_the_hub_catches_up_a_gate_that_missed_the_publish_and_one_whose_key_cha
         conn.close()
 
 
-def test_catch_up_picks_gates_that_miss_a_stream_or_changed_key_and_never_tries_a_keyless_one(
+def test_catch_up_picks_registered_gates_that_miss_a_stream_or_got_an_approved_key_never_an_unregistered_one(
     hub_store: Store, tmp_path: Path
 ) -> None:
     config = load_hub_config(hub_toml(tmp_path, hub_store))
     conn = hub_store.connect()
     try:
 
-        def status(device: str, key: str | None) -> None:
-            data = {"device": device, "online": True} | ({"template_key": key} if key else {})
-            conn.execute(
-                "INSERT INTO devices(device, school, online, status, status_at) VALUES (?, ?, 1, ?, 'now') "
-                "ON CONFLICT(device) DO UPDATE SET status = excluded.status",
-                [device, SCHOOL, json.dumps(data)],
-            )
-
         def sent(device: str, stream: str, sealed_to: str | None = None, digest: str = "d") -> None:
             conn.execute(
                 "INSERT INTO published(device, stream, school, version, digest, sealed_to, published_at) "
-                "VALUES (?, ?, ?, 1, ?, ?, 'now')",
+                "VALUES (?, ?, ?, 1, ?, ?, 'now') ON CONFLICT(device, stream) DO UPDATE SET sealed_to = "
+                "excluded.sealed_to, digest = excluded.digest",
                 [device, stream, SCHOOL, digest, sealed_to],
             )
 
-        status("gate-01", "K1")
-        status("gate-02", None)
+        k1 = register_gate(conn, SCHOOL, "gate-01", tmp_path / "gate-01.key").template_key
+        gates.refuse(conn, SCHOOL, "gate-02", "heard from, not registered")
         assert gates_to_catch_up(conn, config) == {}  # IT has not published to the school: nothing is due
         conn.execute("INSERT INTO meta(key, value) VALUES (?, '{}')", [PUBLISHED_MARK + SCHOOL])
-        assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}  # gate-02's key is unknown
-        sent("gate-01", "roster", "K1")
+        assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}  # gate-02 is not registered
+        sent("gate-01", "roster", k1)
         assert gates_to_catch_up(conn, config) == {}
         conn.execute(
             "INSERT INTO templates(school, person, model, sealed, updated_at) VALUES (?, 'HS1', 'm', 'x', 'n')",
             [SCHOOL],
         )
         assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}  # the hub has templates it never sent
-        sent("gate-01", "templates", "K1")
+        sent("gate-01", "templates", k1)
         assert gates_to_catch_up(conn, config) == {}
-        status("gate-02", "K2")  # gate-02 came online: now things can be sealed to it
+        k2 = register_gate(conn, SCHOOL, "gate-02", tmp_path / "gate-02.key").template_key  # IT registered it
         assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-02"]}
-        sent("gate-02", "roster", "K2")
-        sent("gate-02", "templates", "K2")
+        sent("gate-02", "roster", k2)
+        sent("gate-02", "templates", k2)
         assert gates_to_catch_up(conn, config) == {}
-        status("gate-01", "K3")  # gate-01's key file was replaced
+
+        # gate-01 presents a new key (its key file was replaced, or someone has its login): nothing is due
+        new = RegisteredGate(SCHOOL, "gate-01", tmp_path / "gate-01-new.key")
+        status = new.status({"schema": 1, "device": "gate-01", "online": False, "ts": "2026-12-01T07:00:00+07:00",
+                             "reason": "stopped"})  # fmt: skip
+        with conn.transaction(), pytest.raises(gates.GateRefused):  # refused, the key kept (as the ingest does)
+            gates.check_status(conn, gates.get(conn, "gate-01"), SCHOOL, "gate-01", status)
+        assert gates_to_catch_up(conn, config) == {}
+        pending = gates.get(conn, "gate-01")
+        assert pending is not None and pending.pending_fingerprint is not None
+        gates.approve(conn, "gate-01", pending.pending_fingerprint)  # IT read the same fingerprint on the gate
         assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}
-        conn.execute("UPDATE published SET sealed_to = 'K3', digest = '' WHERE device = 'gate-01'")
+        conn.execute("UPDATE published SET sealed_to = ?, digest = '' WHERE device = 'gate-01'", [new.template_key])
         assert gates_to_catch_up(conn, config) == {SCHOOL: ["gate-01"]}  # a send not acknowledged is not held
     finally:
         conn.close()
@@ -688,13 +652,9 @@ def test_one_publish_per_school_at_a_time_and_versions_only_move_forward(
     config = load_hub_config(config_path)
     assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
                SCHOOL, "--config", str(config_path)).exit_code == 0  # fmt: skip
-    gate_key = public_text(gate_private_key(tmp_path / "gate-templates.key"))
     conn = hub_store.connect()
     try:
-        conn.execute(
-            "INSERT INTO devices(device, school, online, status, status_at) VALUES (?, ?, 0, ?, 'now')",
-            [DEVICE, SCHOOL, json.dumps({"device": DEVICE, "online": False, "template_key": gate_key})],
-        )
+        register_gate(conn, SCHOOL, DEVICE, tmp_path / "gate-templates.key")
         conn.execute("INSERT INTO meta(key, value) VALUES (?, '{}')", [PUBLISHED_MARK + SCHOOL])
         lock = "publish-lock/" + SCHOOL
         soon = (datetime.now(UTC) + timedelta(minutes=5)).isoformat(timespec="seconds")
@@ -737,11 +697,7 @@ def test_catch_up_sends_the_model_of_the_last_publish_and_rests_a_failing_school
         sealer = hub_sealer(config, create=True)
         import_templates(conn, sealer, SCHOOL, {MODEL: {"HS001": vectors(1)}, "other-model": {"HS002": vectors(2)}})
         gate_key_file = tmp_path / "gate-templates.key"
-        status = {"device": DEVICE, "template_key": public_text(gate_private_key(gate_key_file))}
-        conn.execute(
-            "INSERT INTO devices(device, school, online, status, status_at) VALUES (?, ?, 0, ?, 'now')",
-            [DEVICE, SCHOOL, json.dumps(status)],
-        )
+        register_gate(conn, SCHOOL, DEVICE, gate_key_file)
         conn.execute("INSERT INTO meta(key, value) VALUES (?, '{}')", [PUBLISHED_MARK + SCHOOL])  # no model known
 
         first = worker.run_once()  # which model's templates? The gate gets its roster meanwhile

@@ -35,8 +35,8 @@ def gates_to_catch_up(conn: Connection, config: HubConfig) -> dict[str, list[str
 
     A school is published to once ``edugate hub roster publish`` ran for it, even if no gate could be sent
     anything then (none had said its key). Its streams are the roster, and the
-    templates when the hub holds some or sent some. A gate with no registered key, or a key change awaiting IT,
-    is not due: nothing is sealed to it, and it is not tried every round.
+    templates when the hub holds some or sent some. A gate with no registered key is not due: nothing is sealed
+    to it, and it is not tried every round; a key it presents counts once IT approved it.
     """
     due: dict[str, list[str]] = {}
     schools = [s for s in published_schools(conn) if not config.hub.schools or s in config.hub.schools]

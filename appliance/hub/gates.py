@@ -107,13 +107,16 @@ def school_gates(conn: Connection, school: str) -> list[str]:
 
 
 def sealing_keys(conn: Connection, schools: Iterable[str]) -> dict[tuple[str, str], str]:
-    """(school, gate) -> the registered template key, for gates with no key change awaiting IT: the only keys
-    a roster or face template is ever sealed to."""
+    """(school, gate) -> the registered template key: the only key a roster or face template is ever sealed to.
+
+    A key a gate presents later is not used before IT approves it; meanwhile the registered key is still
+    sealed to (a thief presenting a key can neither read the messages nor stop the real gate's updates).
+    """
     keys: dict[tuple[str, str], str] = {}
     for school in schools:
         for device, key in conn.all(
             "SELECT device, template_key FROM gates WHERE school = ? AND signing_key IS NOT NULL "
-            "AND template_key IS NOT NULL AND pending_signing_key IS NULL",
+            "AND template_key IS NOT NULL",
             [school],
         ):
             keys[(school, device)] = key
@@ -121,7 +124,7 @@ def sealing_keys(conn: Connection, schools: Iterable[str]) -> dict[tuple[str, st
 
 
 def held(conn: Connection, school: str) -> list[str]:
-    """Registered gates of the school with a key change awaiting IT: sent nothing until approved."""
+    """Registered gates of the school presenting a key IT has not approved."""
     return [
         r[0]
         for r in conn.all(
@@ -293,8 +296,8 @@ def _hold(conn: Connection, gate: Gate | None, school: str, device: str, templat
     new = fingerprint(template_key, signing_key)
     if gate is not None and gate.registered:
         log.error(
-            "hub: gate %s presents a NEW KEY (fingerprint %s, registered %s): nothing is sent to it and its status is "
-            "refused until IT approves. If the gate's key file was replaced, check that `edugate identity` on the gate "
+            "hub: gate %s presents a NEW KEY (fingerprint %s, registered %s): nothing is sealed to it and the gate's "
+            "status is refused until IT approves. If the gate's key file was replaced, check that `edugate identity` on the gate "
             "shows %s, then `edugate hub gates approve %s --fingerprint %s`; if not, someone else is using its login: "
             "revoke it (scripts/provision-gate --revoke %s)",
             device,

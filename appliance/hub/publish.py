@@ -6,8 +6,8 @@ phones or e-mails) and a ``templates`` message (every active person's templates 
 ``set``; everyone else on the roster in ``remove``, so a gate holds exactly the hub's templates).
 The ``people`` and the ``set`` travel sealed to the gate's template key as IT registered it
 (appliance.sync.sealed_transport; never a key a gate's status claims), so the broker keeps no name,
-card number or face in clear; a gate with no registered key, or with a key change awaiting IT's
-approval, is sent neither. The digest is of the clear content. Each is signed with the hub's
+card number or face in clear; a gate with no registered key is sent neither, and a key a gate
+presents later is sealed to only once IT approved it. The digest is of the clear content. Each is signed with the hub's
 Ed25519 key and published at QoS 1 with the retain flag on
 ``{prefix}/{school}/{device}/downlink/{roster|templates}``: a gate that is offline, or installed
 later, gets the latest of each when it (re)connects and subscribes.
@@ -268,7 +268,7 @@ def sign_items(items: list[Item], key: Ed25519PrivateKey) -> None:
                 item.state = "failed"
                 item.error = (
                     f"no registered key for this gate: the {item.stream} is only sent sealed to the key IT registered "
-                    "(`edugate hub gates list`: a key change awaits `edugate hub gates approve`)"
+                    "(`edugate hub gates add`, see `edugate hub gates list`)"
                 )
                 continue
             field_name = SEALED_FIELD[kind]
@@ -428,7 +428,7 @@ def _publish_locked(
             continue
         report.notes += [f"{name}: {note}" for note in plan.notes]
         report.notes += [
-            f"{name}: {device} is sent nothing: a key change awaits `edugate hub gates approve {device}`"
+            f"{name}: {device} presents a new key; sealed to its registered key until `edugate hub gates approve`"
             for device in gates.held(conn, name)
         ]
         if not plan.devices:
