@@ -202,8 +202,9 @@ def test_message_for_another_gate_or_topic_is_refused(seeded: Downlink, hub: Hub
 
 
 def test_garbage_is_refused_with_a_reason(seeded: Downlink) -> None:
-    refused_unchanged(seeded, b"\xff\xfe not json", "not a JSON document")
-    refused_unchanged(seeded, b"[1, 2]", "not a JSON object")
+    refused_unchanged(seeded, b"\xff\xfe not json", "not signed")  # no "sig" anywhere: refused unparsed
+    refused_unchanged(seeded, b'\xff\xfe "sig" not json', "not a JSON document")
+    refused_unchanged(seeded, b'[1, 2, "sig"]', "not a JSON object")
     assert seeded.results[-1]["ref"] is None
 
 
@@ -482,3 +483,78 @@ def test_refusals_never_quote_personal_values(seeded: Downlink, hub: Hub) -> Non
     message = hub.message("roster.delta", {"upsert": [person("HS7", name, ["04a1b2c3"])]}, version=4, base_version=3)
     result = send(seeded, message)
     assert not result["ok"] and "04a1b2c3" not in result["reason"] and name not in result["reason"]
+
+
+def test_a_message_over_the_size_limit_is_refused_unparsed_and_named_by_its_nonce(gate: Downlink, hub: Hub) -> None:
+    big = hub.message(
+        "roster.snapshot", {"people": [person(f"HS{i}", "An", [f"04{i:06X}"]) for i in range(200)]}, version=1
+    )
+    payload = json.dumps(big).encode()
+    gate.max_bytes = len(payload) - 1
+    result = send(gate, payload)
+    assert (
+        not result["ok"] and f"message of {len(payload):,} bytes is larger than this gate accepts" in result["reason"]
+    )
+    assert result["ref"] == big["nonce"] and result["type"] == "roster.snapshot"  # the hub's --wait can match it
+    assert roster(gate) == {} and stream_version(gate.conn, "roster") == 0
+    gate.max_bytes = len(payload)
+    assert send(gate, payload)["ok"] and len(roster(gate)) == 200
+
+
+def test_the_size_limit_takes_a_school_of_3000_with_5_templates_each(gate: Downlink, hub: Hub) -> None:
+    """5 per person is what enrollment by camera takes; the limit must leave a real school's templates through."""
+    from appliance.sync.downlink import MAX_DOWNLINK_BYTES
+
+    rng = np.random.default_rng(3)
+    content = {f"HS{i:05d}": b64(rng.standard_normal((5, 128)).astype("<f4")) for i in range(3000)}
+    message = new_message("templates", SCHOOL, DEVICE, {"model": "m1"}, version=1)
+    recipient = public_text(gate_private_key(gate.base_config().vision.key_file))
+    plain = json.dumps(content, separators=(",", ":")).encode()
+    message["body"]["sealed"] = seal(recipient, plain, sealed_context(message))
+    payload = json.dumps(sign(hub.key, message), separators=(",", ":")).encode()
+    assert 13_000_000 < len(payload) < MAX_DOWNLINK_BYTES / 2  # room for twice as many templates
+    result = send(gate, payload, "templates")
+    assert result["ok"], result["reason"]
+    assert result["detail"]["templates"] == 15_000
+
+
+def test_a_version_or_seq_that_is_not_an_integer_is_refused_and_the_stream_goes_on(gate: Downlink, hub: Hub) -> None:
+    """JSON Schema's "integer" takes 20.0: stored as "20.0", it refused every later config with a ValueError."""
+    for version, what in ((20.0, "not a number with a decimal point (20.0)"), (True, "not a boolean")):
+        result = send(gate, hub.message("config", {"policy": {"debounce_seconds": 5}}, version=version))
+        assert (
+            not result["ok"] and result["reason"] == f"invalid message: version must be an integer such as 20, {what}"
+        )
+    assert stream_version(gate.conn, "config") == 0 and gate.calls["config"] == []
+    assert send(gate, hub.message("config", {"policy": {"debounce_seconds": 5}}, version=21))["ok"]
+    assert stream_version(gate.conn, "config") == 21
+    result = send(gate, hub.message("command", {"name": "resync", "from_seq": 5.0}))
+    assert not result["ok"] and "body/from_seq must be an integer" in result["reason"] and gate.calls["resync"] == []
+    delta = hub.message("roster.delta", {"deactivate": ["HS1"]}, version=2, base_version=0.0)
+    assert "base_version must be an integer" in send(gate, delta)["reason"]
+
+
+def test_a_stream_an_older_gate_stored_as_20_0_is_not_wedged(gate: Downlink, hub: Hub) -> None:
+    gate.conn.execute("INSERT INTO meta(key, value) VALUES ('downlink.config', '20.0')")
+    assert stream_version(gate.conn, "config") == 20
+    assert "not newer than 20" in send(gate, hub.message("config", {"policy": {}}, version=20))["reason"]
+    assert send(gate, hub.message("config", {"policy": {"debounce_seconds": 5}}, version=21))["ok"]
+    assert stream_version(gate.conn, "config") == 21
+
+
+def test_parents_contacts_in_a_hub_roster_are_dropped_on_arrival(gate: Downlink, hub: Hub, tmp_path: Path) -> None:
+    """The hub does not send them; should any sender, the gate keeps neither in its rows nor in its file."""
+    phone, email = "+84912345678", "me.phuhuynh@example.vn"
+    parent = {"parent_phones": [phone], "parent_emails": [email]}
+    snapshot = hub.message("roster.snapshot", {"people": [person("HS1", "An", ["04A1B2C3"], **parent)]}, version=1)
+    assert send(gate, snapshot)["ok"]
+    delta = hub.message(
+        "roster.delta", {"upsert": [person("HS2", "Bình", ["04D4E5F6"], **parent)]}, version=2, base_version=1
+    )
+    assert send(gate, delta)["ok"]
+    people = RosterStore(gate.database).all()
+    assert [p.id for p in people] == ["HS1", "HS2"]
+    assert all(p.parent_phones == () and p.parent_emails == () for p in people)
+    files = b"".join(f.read_bytes() for f in tmp_path.glob("journal.db*"))
+    assert b"04A1B2C3" in files  # the roster is in these bytes
+    assert phone[3:].encode() not in files and email.encode() not in files

@@ -1,11 +1,14 @@
 """Hub -> gate: signed roster, templates, config and commands, each applied whole or not at all.
 
 Every message is checked in this order, and the first failure refuses it with a reason on
-the result topic, changing nothing: JSON object -> Ed25519 signature with the hub's key ->
-JSON Schema -> addressed to this school and gate, on the topic of its type -> not seen
-before (nonce) -> newer than what the gate has (version per stream; a roster delta must
-sit exactly on the gate's roster version) -> applied in one database transaction that also
-records the new version and the nonce.
+the result topic, changing nothing: not larger than MAX_DOWNLINK_BYTES and carrying a ``sig``
+(both before any parsing, so an unsigned or huge message costs the gate no memory) -> JSON
+object -> Ed25519 signature with the hub's key -> JSON Schema, and versions and seqs that are
+integers (JSON Schema lets 20.0 pass as one) -> addressed to this school and gate, on the topic of
+its type -> not seen before (nonce) -> newer than what the gate has (version per stream; a roster
+delta must sit exactly on the gate's roster version) -> applied in one database transaction that
+also records the new version and the nonce. The signature covers the canonical JSON of the whole
+envelope, so the message must be parsed once before it can be checked; the size limit bounds that.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import binascii
 import json
 import logging
 import queue
+import re
 import secrets
 import sqlite3
 import threading
@@ -48,6 +52,14 @@ from appliance.sync.topics import Topics
 log = logging.getLogger(__name__)
 
 RESULT_SCHEMA = 1
+# The largest message a gate parses. The biggest legitimate ones are the hub's retained roster and templates: a
+# school of 3,000 with 5 SFace templates each (what enrollment by camera takes) is 13.8 MB sealed and signed,
+# with 10 each 27.5 MB; a 60 MB message once took a gate from 78 to 298 MB of memory.
+MAX_DOWNLINK_BYTES = 32 * 1024 * 1024
+# Only to name the refused message in the answer (``ref``): the hub puts the nonce near the start.
+_PEEK_BYTES = 4096
+_NONCE_RE = re.compile(rb'"nonce"\s*:\s*"([0-9a-f]{16,64})"')
+_TYPE_RE = re.compile(rb'"type"\s*:\s*"(roster\.snapshot|roster\.delta|templates|config|command)"')
 COMMAND_MAX_AGE = timedelta(hours=24)  # a command older than this is refused when the clock can be trusted
 NONCE_RETENTION = timedelta(days=30)
 # What the hub may change live, key by key (None: anything inside). Never device, journal, readers or sync,
@@ -130,8 +142,14 @@ def new_message(
 
 
 def stream_version(conn: sqlite3.Connection, stream: str) -> int:
+    """The stream's version; "20.0", which gates before the integer check stored, reads as 20 (not a wedged stream)."""
     row = conn.execute("SELECT value FROM meta WHERE key = ?", [f"downlink.{stream}"]).fetchone()
-    return int(row[0]) if row else 0
+    if row is None:
+        return 0
+    try:
+        return int(row[0])
+    except ValueError:
+        return int(float(row[0]))
 
 
 def hub_config_sections(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -176,6 +194,7 @@ def overlay(config: GateConfig, sections: dict[str, Any]) -> GateConfig:
 
 
 def _person(item: dict[str, Any]) -> Person:
+    """A person as the gate keeps them: parents' phones and e-mails, if a sender put them in, are dropped here."""
     return Person(
         id=item["id"],
         full_name=normalise_name(item["full_name"]),
@@ -183,9 +202,41 @@ def _person(item: dict[str, Any]) -> Person:
         class_name=item.get("class_name"),
         active=item.get("active", True),
         cards=tuple(sorted(set(item.get("cards", [])))),
-        parent_phones=tuple(item.get("parent_phones", [])),
-        parent_emails=tuple(item.get("parent_emails", [])),
     )
+
+
+def _not_integer(value: object) -> str | None:
+    """What a version or seq is when it is not a JSON integer (None if it is one); bool is a subclass of int."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float):
+        return f"a number with a decimal point ({value!r})"
+    return None
+
+
+def integer_problem(message: dict[str, Any]) -> str | None:
+    """Versions and seqs must be integers: the gate stores and compares them as such, and JSON Schema's
+    "integer" lets 20.0 through (stored as "20.0", it would wedge that stream on every later message)."""
+    body = message.get("body")
+    fields = [(name, message.get(name)) for name in ("version", "base_version")]
+    if message.get("type") == "command" and isinstance(body, dict):
+        fields += [(f"body/{name}", body.get(name)) for name in ("from_seq", "to_seq")]
+    for name, value in fields:
+        what = _not_integer(value)
+        if what is not None:
+            return f"{name} must be an integer such as 20, not {what}"
+    return None
+
+
+def _peek(payload: bytes) -> dict[str, Any]:
+    """The nonce and type of a message refused before parsing, from its first bytes, only to name it in the answer."""
+    head = payload[:_PEEK_BYTES]
+    found: dict[str, Any] = {}
+    if nonce := _NONCE_RE.search(head):
+        found["nonce"] = nonce.group(1).decode("ascii")
+    if kind := _TYPE_RE.search(head):
+        found["type"] = kind.group(1).decode("ascii")
+    return found
 
 
 def _vectors(person: str, texts: list[str]) -> np.ndarray:
@@ -236,6 +287,7 @@ class Downlink:
         publish: Callable[[str, bytes], object],
         clock_ok: Callable[[], bool] = lambda: True,
         hooks: Hooks | None = None,
+        max_bytes: int = MAX_DOWNLINK_BYTES,
     ) -> None:
         self.topics = topics
         self.database = database
@@ -246,6 +298,7 @@ class Downlink:
         self.publish = publish
         self.clock_ok = clock_ok
         self.hooks = hooks or Hooks()
+        self.max_bytes = max_bytes
         self.applied = 0
         self.refused = 0
         self.last_refusal: str | None = None
@@ -266,21 +319,28 @@ class Downlink:
         self._queue.put((topic, payload, ack))
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            topic, payload, ack = item
-            try:
-                self.handle(topic, payload)
-            except Exception:
-                log.exception("downlink: could not answer a message")
-            ack()
+        while self._next():
+            pass
+
+    def _next(self) -> bool:
+        """Handle one queued message; its payload (up to max_bytes) is freed on return, not held until the next."""
+        item = self._queue.get()
+        if item is None:
+            return False
+        topic, payload, ack = item
+        try:
+            self.handle(topic, payload)
+        except Exception:
+            log.exception("downlink: could not answer a message")
+        ack()
+        return True
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
         """Check, apply and answer one message; returns what was answered."""
         message: dict[str, Any] = {}
         try:
+            message = _peek(payload)
+            self._screen(payload)
             message = self._parse(payload)
             self._check(topic, message)
             outcome = self._apply(message)
@@ -304,6 +364,18 @@ class Downlink:
         self._answer(message, outcome)
         return outcome
 
+    def _screen(self, payload: bytes) -> None:
+        """Refusals that need no parsing: a message too large to parse safely, or one that cannot be signed."""
+        if len(payload) > self.max_bytes:
+            raise Refused(
+                f"message of {len(payload):,} bytes is larger than this gate accepts ({self.max_bytes:,} bytes): "
+                "send fewer templates per person, or split the school's gates"
+            )
+        if self.hub_key is None:
+            raise Refused("this gate has no hub public key (sync.hub_public_key), so it obeys no downlink")
+        if b'"sig"' not in payload:
+            raise Refused("message is not signed")
+
     def _parse(self, payload: bytes) -> dict[str, Any]:
         try:
             message = json.loads(payload.decode("utf-8"))
@@ -314,13 +386,12 @@ class Downlink:
         return message
 
     def _check(self, topic: str, message: dict[str, Any]) -> None:
-        if self.hub_key is None:
-            raise Refused("this gate has no hub public key (sync.hub_public_key), so it obeys no downlink")
+        assert self.hub_key is not None  # _screen refused it otherwise
         try:
             verify(self.hub_key, message)
         except SignatureError as exc:
             raise Refused(str(exc)) from None
-        problem = schema_problem(message)
+        problem = integer_problem(message) or schema_problem(message)
         if problem:
             raise Refused(f"invalid message: {problem}")
         if message["school"] != self.topics.school or message["device"] != self.topics.device:
@@ -492,12 +563,13 @@ class Downlink:
         return Outcome(True, detail={"done": done})
 
     def _answer(self, message: dict[str, Any], outcome: Outcome) -> None:
+        version = message.get("version")
         result = {
             "schema": RESULT_SCHEMA,
             "device": self.topics.device,
             "ref": message.get("nonce") if isinstance(message.get("nonce"), str) else None,
             "type": message.get("type") if isinstance(message.get("type"), str) else None,
-            "version": message.get("version") if isinstance(message.get("version"), int) else None,
+            "version": version if isinstance(version, int) and not isinstance(version, bool) else None,
             "ok": outcome.ok,
             "reason": outcome.reason,
             "detail": outcome.detail,
