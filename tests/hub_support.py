@@ -234,3 +234,13 @@ def register_with_cli(hub_config: Path, gate_config: Path) -> dict[str, Any]:
     assert result.exit_code == 0, result.output
     assert found["fingerprint"] in result.stdout
     return found
+
+
+def ensure_registered(conn: Connection, school: str, *devices: str) -> None:
+    """Register each of ``devices`` at ``school`` unless it is registered already (tests that feed the ingest)."""
+    from appliance.hub import gates
+
+    for device in devices:
+        known = gates.get(conn, device)
+        if known is None or not known.registered:
+            register_gate(conn, school, device)

@@ -115,7 +115,7 @@ def gate_factory(tmp_path: Path, pki: Pki) -> Any:
 
     def make(broker: Broker, name: str = "gate", hub_key: Ed25519PrivateKey | None = None, **sync: Any) -> Gate:
         folder = tmp_path / name
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)  # a test may have registered the gate's key file at the hub first
         gate = Gate(folder, broker, pki, hub_key, **sync)
         made.append(gate)
         return gate

@@ -12,8 +12,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon_harness import send_taps
-from hub_support import HubProcess, hub_mqtt, write_hub_config
+from hub_support import HubProcess, hub_mqtt, register_gate, write_hub_config
 from mqtt_broker import Broker, Pki
+from sync_support import SCHOOL
 
 from appliance.config import DatabaseConfig
 from appliance.hub.store import Store
@@ -23,6 +24,12 @@ DEVICE = "gate-01"
 
 
 def hub_config(tmp_path: Path, broker: Broker, pki: Pki, key_file: Path, **signing: Any) -> Path:
+    """hub.toml on a SQLite database where gate-01 is registered with the keys of the gate the test will make."""
+    store = Store(DatabaseConfig(url=f"sqlite:///{tmp_path / 'hub.db'}"))
+    store.migrate()
+    conn = store.connect()
+    register_gate(conn, SCHOOL, DEVICE, tmp_path / "gate" / "templates.key")  # gate_factory's gate folder
+    conn.close()
     return write_hub_config(
         tmp_path / "hub.toml",
         {

@@ -31,7 +31,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from click.testing import CliRunner
-from hub_support import REPO, ZONE, HubProcess, gate_event, hub_mqtt, payload, write_hub_config
+from hub_support import REPO, ZONE, HubProcess, ensure_registered, gate_event, hub_mqtt, payload, write_hub_config
 from mqtt_broker import BROKER_USERS, Broker, MqttPeer, Pki, free_port
 
 from appliance.cli import main as cli_main
@@ -184,6 +184,7 @@ def tap(seq: int, person: str | None = "HS001", *, kind: str = "arrival", at: da
 
 
 def ingest(conn: Connection, config: HubConfig, *events: dict[str, Any]) -> Ingest:
+    ensure_registered(conn, SCHOOL, "gate-01")
     worker = Ingest(conn, "edugate", [event_hook(config)])
     worker.store_batch([Incoming(TOPIC, payload(e)) for e in events])
     return worker
@@ -813,6 +814,7 @@ def test_hub_killed_mid_ingest_stores_every_event_once_and_notifies_each_child_o
         for i in range(students):
             add_person(conn, f"HS{i:03d}", f"Học Sinh {i}", phones=[f"09{i:08d}"])
         add_person(conn, "GV001", "Giáo Viên", role="staff", class_name=None)
+    ensure_registered(conn, SCHOOL, "gate-01")
     journal = "b" * 32
     events: list[dict[str, Any]] = []
     for i in range(students):
