@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
-from hub_support import ZONE, HubProcess, gate_event, payload, write_hub_config
+from hub_support import ZONE, HubProcess, RegisteredGate, gate_event, payload, register_gate, write_hub_config
 from postgres_server import session_server
 
 from appliance.config import ConfigError, DatabaseConfig, HubConfig, parse_hub_config
@@ -82,6 +82,20 @@ def event(device: str, seq: int, person: str, kind: str, at: str, **fields: Any)
     role = "staff" if person.startswith("GV") else "student"
     data = gate_event(device, seq, kind=kind, person=person, role=role, ts=at, card_uid=CARD, **fields)
     return f"edugate/{SCHOOL}/{device}/events", payload(data)
+
+
+GATES = ("gate-01", "gate-02")
+
+
+def register_gates(conn: Connection, folder: Path, school: str = SCHOOL) -> None:
+    """The tests' gates registered at the hub as IT does (the hub refuses events of gates it does not know)."""
+    for device in GATES:
+        register_gate(conn, school, device, folder / f"{school}-{device}.key")
+
+
+def gate_keys(folder: Path, device: str, school: str = SCHOOL) -> RegisteredGate:
+    """A gate registered by :func:`register_gates`, to sign its status."""
+    return RegisteredGate(school, device, folder / f"{school}-{device}.key")
 
 
 def monday_events(conn: Connection) -> None:
@@ -270,6 +284,7 @@ def monday(
     hub_store: Store, hub_conn: Connection, tmp_path: Path, token_file: Path, serve: Callable[..., ApiServer]
 ) -> Client:
     add_people(hub_conn)
+    register_gates(hub_conn, tmp_path)
     monday_events(hub_conn)
     return Client(serve(hub_store, hub_config(hub_store, tmp_path, token_file)))
 
@@ -418,15 +433,17 @@ def test_person_history_filters_and_pages(monday: Client, hub_conn: Connection) 
 # ------------------------------------------------------------------------------------------------ gates
 
 
-def test_gates_with_backlog_gap_and_resync(monday: Client, hub_conn: Connection) -> None:
+def test_gates_with_backlog_gap_and_resync(monday: Client, hub_conn: Connection, tmp_path: Path) -> None:
     oldest = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-    status = online_status("gate-01", [{"name": "lane", "state": "ok"}], None, True, 4, oldest, 9, "a" * 32)
+    one, two = gate_keys(tmp_path, "gate-01"), gate_keys(tmp_path, "gate-02")
+    readers = [{"name": "lane", "state": "ok"}]
+    status = online_status("gate-01", readers, None, True, 4, oldest, 9, "a" * 32, signer=one.status)
     ingest(
         hub_conn,
         event("gate-01", 7, "HS003", "arrival", ts(MONDAY, "07:40")),  # 6 missing; 8, 9 known only from the status
         (f"edugate/{SCHOOL}/gate-01/status", status),
         event("gate-02", 1, "HS101", "departure", ts(MONDAY, "16:00")),
-        (f"edugate/{SCHOOL}/gate-02/status", offline_status("gate-02", "connection lost")),
+        (f"edugate/{SCHOOL}/gate-02/status", offline_status("gate-02", "connection lost", signer=two.status)),
     )
     answer = monday.get("/v1/gates")
     assert answer.status_code == 200, answer.text
@@ -609,6 +626,7 @@ def test_connections_killed_by_a_postgresql_restart_are_replaced_unnoticed(
         store.migrate()
         conn = store.connect()
         add_people(conn)
+        register_gates(conn, tmp_path)
         monday_events(conn)
         conn.close()
         api = serve(store, hub_config(store, tmp_path, token_file))
