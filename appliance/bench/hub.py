@@ -90,7 +90,7 @@ def run(events: int, gates: int, taps: int, postgres: str | None, workdir: Path 
                     seconds=round(publish_s, 3),
                     events_per_s=round(events / publish_s, 1),
                 )
-                ingests[label] = run_ingest(hub_config(broker, base, url), events, label)
+                ingests[label] = run_ingest(hub_config(broker, base, url), events, label, devices, base / "keys")
                 rows = event_rows(waiting)
                 if label == "sqlite":
                     baselines[label] = baseline_sqlite(rows, base / "baseline.db")

@@ -12,11 +12,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from appliance.bench.errors import BenchError
 from appliance.bench.gate_events import realistic_drafts
-from appliance.bench.hub_rig import POLL_SECONDS, STALL_SECONDS, gate_name, hub_transport
+from appliance.bench.hub_rig import POLL_SECONDS, STALL_SECONDS, gate_name, hub_transport, register_gates
 from appliance.bench.mqtt_broker import BenchBroker, events_topic
 from appliance.bench.stats import emit, progress
 from appliance.bench.waiting import wait_progress
@@ -126,8 +127,9 @@ def open_session(config: Any) -> None:
         transport.stop()
 
 
-def run_ingest(config: Any, total: int, label: str) -> dict[str, Any]:
-    """Start the hub's ingest on the waiting backlog; time it until ``total`` events are stored."""
+def run_ingest(config: Any, total: int, label: str, devices: list[str], key_dir: Path) -> dict[str, Any]:
+    """Start the hub's ingest on the waiting backlog of the registered ``devices``; time it until ``total``
+    events are stored."""
     from appliance.hub.ingest import IngestWorker
     from appliance.hub.store import Store, StoreError
 
@@ -136,6 +138,7 @@ def run_ingest(config: Any, total: int, label: str) -> dict[str, Any]:
         store.migrate()
     except StoreError as exc:
         raise BenchError(str(exc)) from None
+    register_gates(store, {device: key_dir / f"{device}.key" for device in devices})
     worker = IngestWorker(store, config.mqtt.topic_prefix, zone=config.zone)
     transport = hub_transport(config)
     first: list[float] = []

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from appliance.bench.errors import BenchError
-from appliance.bench.hub_rig import LIVE_DEVICE, POLL_SECONDS, STALL_SECONDS, hub_config, hub_transport
+from appliance.bench.hub_rig import (
+    LIVE_DEVICE,
+    POLL_SECONDS,
+    STALL_SECONDS,
+    hub_config,
+    hub_transport,
+    register_gates,
+)
 from appliance.bench.lane_daemon import DaemonRun, connect_lane, daemon_toml, enroll
 from appliance.bench.mqtt_broker import SCHOOL, BenchBroker
 from appliance.bench.stats import emit, latency_legs, progress, summary
@@ -148,6 +155,7 @@ def run_latency(broker: BenchBroker, passwords: dict[str, str], workdir: Path, t
     store = Store(config.database)
     store.migrate()
     enroll_hub(store, people)
+    register_gates(store, {LIVE_DEVICE: workdir / "templates.key"})  # the daemon's vision.key_file
     stored_at: dict[str, float] = {}
     plan = event_hook(config)
 

@@ -64,6 +64,22 @@ def hub_config(broker: BenchBroker, workdir: Path, database_url: str, **sections
     return parse_hub_config(data, "<bench hub>")
 
 
+def register_gates(store: Any, key_files: dict[str, Path]) -> None:
+    """Register the bench's gates at its hub as IT does at provisioning, each with the keys of its template key
+    file (made if missing; a real gate daemon of the bench uses its own): a hub refuses the others' messages."""
+    from appliance.hub import gates
+    from appliance.sync.gate_keys import signing_key_text
+    from appliance.sync.sealed_transport import gate_private_key, gate_signing_key, public_text
+
+    conn = store.connect()
+    try:
+        for device, key_file in key_files.items():
+            template_key = public_text(gate_private_key(key_file))
+            gates.add(conn, device, SCHOOL, template_key, signing_key_text(gate_signing_key(key_file)), replace=True)
+    finally:
+        conn.close()
+
+
 def hub_transport(config: Any) -> Any:
     """The hub's MQTT session exactly as HubService opens it (client id, shared subscription, manual acks)."""
     from appliance.hub.service import subscriptions
