@@ -1,8 +1,13 @@
-"""The roster as kept in the journal database: people, their cards, a version that grows on change."""
+"""The roster as kept in the journal database: people, their cards, a version that grows on change.
+
+Parents' phones and e-mails are never kept here: the gate never uses them, and a stolen gate (its SD
+card) must not give away how to reach every child's family. The ``persons`` table still has their
+columns (older journals filled them); they hold ``[]``, and opening the roster empties any that do not.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -11,10 +16,13 @@ from datetime import UTC, datetime
 from appliance.journal.db import Database, immediate
 from appliance.roster.model import Person, Role, fold
 
+log = logging.getLogger(__name__)
+
 _PERSON_SQL = (
-    "SELECT p.id, p.full_name, p.role, p.class_name, p.active, p.parent_phones, p.parent_emails, "
+    "SELECT p.id, p.full_name, p.role, p.class_name, p.active, "
     "(SELECT group_concat(uid, ';') FROM cards c WHERE c.person_id = p.id) FROM persons p"
 )
+_KEPT_CONTACTS = "parent_phones <> '[]' OR parent_emails <> '[]'"
 
 
 @dataclass
@@ -28,24 +36,50 @@ class ApplyReport:
 
 
 def _row_to_person(row: tuple) -> Person:
-    pid, name, role, class_name, active, phones, emails, cards = row
-    return Person(
-        pid,
-        name,
-        Role(role),
-        class_name,
-        bool(active),
-        tuple(sorted(cards.split(";"))) if cards else (),
-        tuple(json.loads(phones)),
-        tuple(json.loads(emails)),
-    )
+    pid, name, role, class_name, active, cards = row
+    return Person(pid, name, Role(role), class_name, bool(active), tuple(sorted(cards.split(";"))) if cards else ())
+
+
+def _empty_contacts(conn: sqlite3.Connection) -> int:
+    """Empty every parent contact still in the table (inside the caller's transaction); returns the rows changed."""
+    sql = f"UPDATE persons SET parent_phones = '[]', parent_emails = '[]' WHERE {_KEPT_CONTACTS}"
+    return conn.execute(sql).rowcount
+
+
+def forget_parent_contacts(conn: sqlite3.Connection) -> int:
+    """Remove the parents' phones and e-mails an older version kept, from the rows and from the file's bytes.
+
+    ``secure_delete`` zeroes the old values in the pages instead of leaving them in free space, and the
+    checkpoint copies the cleaned pages over the old ones in the main file and empties the WAL. Returns the
+    number of people cleaned (0, without writing, when there was nothing to clean).
+    """
+    if conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM persons WHERE {_KEPT_CONTACTS})").fetchone()[0]:
+        return 0
+    secure = conn.execute("PRAGMA secure_delete").fetchone()[0]
+    conn.execute("PRAGMA secure_delete = ON")
+    try:
+        with immediate(conn):
+            cleaned = _empty_contacts(conn)
+    finally:
+        conn.execute(f"PRAGMA secure_delete = {int(secure)}")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    log.info("roster: removed parents' phones and e-mails of %d people from the journal (a gate needs none)", cleaned)
+    return cleaned
 
 
 class RosterStore:
-    """Reads for the gate (card lookup per tap, always fresh) and all-or-nothing writes for imports."""
+    """Reads for the gate (card lookup per tap, always fresh) and all-or-nothing writes for imports.
+
+    Opening it on a writable journal removes parents' contacts an older version kept (the daemon opens it at
+    every start); on a read-only one that waits for the next writer.
+    """
 
     def __init__(self, database: Database) -> None:
         self.conn = database.conn
+        try:
+            forget_parent_contacts(self.conn)
+        except sqlite3.OperationalError as exc:  # a read-only journal (edugate roster list), or a busy one
+            log.debug("roster: parents' contacts left for the next writer: %s", exc)
 
     def by_card(self, uid: str) -> Person | None:
         row = self.conn.execute(
@@ -102,6 +136,7 @@ class RosterStore:
         """
         report = ApplyReport()
         now = datetime.now(UTC).isoformat(timespec="seconds")
+        people = [p.without_contacts() for p in people]
         incoming = {p.id: p for p in people}
         with immediate(self.conn) as conn:
             existing = {p.id: p for p in self.all()}
@@ -123,11 +158,10 @@ class RosterStore:
                 else:
                     report.updated += 1
                 conn.execute(
-                    "INSERT INTO persons(id, full_name, search_name, class_name, role, active, parent_phones, "
-                    "parent_emails, updated_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                    "INSERT INTO persons(id, full_name, search_name, class_name, role, active, updated_at) "
+                    "VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
                     "full_name=excluded.full_name, search_name=excluded.search_name, class_name=excluded.class_name, "
-                    "role=excluded.role, active=excluded.active, parent_phones=excluded.parent_phones, "
-                    "parent_emails=excluded.parent_emails, updated_at=excluded.updated_at",
+                    "role=excluded.role, active=excluded.active, updated_at=excluded.updated_at",
                     [
                         person.id,
                         person.full_name,
@@ -135,8 +169,6 @@ class RosterStore:
                         person.class_name,
                         person.role.value,
                         int(person.active),
-                        json.dumps(list(person.parent_phones)),
-                        json.dumps(list(person.parent_emails)),
                         now,
                     ],
                 )
@@ -150,6 +182,7 @@ class RosterStore:
                 if (gone or (pid in deactivate and pid not in incoming)) and old.active:
                     conn.execute("UPDATE persons SET active = 0, updated_at = ? WHERE id = ?", [now, pid])
                     report.deactivated.append(pid)
+            _empty_contacts(conn)
             report.version = self.version() + (1 if (report.added or report.updated or report.deactivated) else 0)
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('roster_version', ?)", [str(report.version)])
             if in_transaction is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 
@@ -15,6 +15,9 @@ class Role(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Person:
+    """Someone on a school's roster. Parents' phones and e-mails are the hub's, for notifications; a gate never
+    keeps them (``without_contacts``)."""
+
     id: str
     full_name: str
     role: Role = Role.STUDENT
@@ -27,6 +30,10 @@ class Person:
     @property
     def search_name(self) -> str:
         return fold(self.full_name)
+
+    def without_contacts(self) -> Person:
+        """The person as a gate keeps them: a stolen gate must not give away how to reach every child's parents."""
+        return replace(self, parent_phones=(), parent_emails=())
 
 
 _SPACES = re.compile(r"\s+")
