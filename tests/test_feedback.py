@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import sys
 import time
 import wave
 from pathlib import Path
@@ -38,6 +40,35 @@ def test_console_english_and_hidden_names() -> None:
     out = io.StringIO()
     ConsoleFeedback("en", show_names=False, stream=out).show(ack(kind=Kind.DEPARTURE))
     assert out.getvalue() == "✔ [lane-in] Goodbye You! Checked out at 07:12\n"
+
+
+def test_stdout_shows_names_only_when_it_is_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A terminal (a pty here, the gate's display in the field) is read by the person at the gate; a file or
+    the system journal is kept and shipped: the same line goes there without the name."""
+    master, replica = os.openpty()
+    with os.fdopen(replica, "w", encoding="utf-8") as terminal, (tmp_path / "out").open("w") as log_file:
+        monkeypatch.setattr(sys, "stdout", terminal)
+        ConsoleFeedback().show(ack())
+        monkeypatch.setattr(sys, "stdout", log_file)
+        ConsoleFeedback().show(ack())
+        ConsoleFeedback(show_names=False).show(ack())
+        shown = os.read(master, 4096).decode()
+    os.close(master)
+    assert shown == "✔ [lane-in] Xin chào Nguyễn Văn An! Đã điểm danh vào lúc 07:12\r\n"
+    assert (tmp_path / "out").read_text() == "✔ [lane-in] Xin chào Bạn! Đã điểm danh vào lúc 07:12\n" * 2
+
+
+def test_a_display_the_caller_names_shows_names_as_configured() -> None:
+    from appliance.config import FeedbackConfig
+    from appliance.feedback import build_feedback
+
+    display = io.StringIO()  # the demo's screen: not a terminal under a test, still a display
+    build_feedback(FeedbackConfig(), "vi", console=display).show(ack())
+    build_feedback(FeedbackConfig(show_names=False), "vi", console=display).show(ack())
+    assert display.getvalue().splitlines() == [
+        "✔ [lane-in] Xin chào Nguyễn Văn An! Đã điểm danh vào lúc 07:12",
+        "✔ [lane-in] Xin chào Bạn! Đã điểm danh vào lúc 07:12",
+    ]
 
 
 def test_sound_plays_a_distinct_wav_per_outcome(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TextIO
 
 from appliance.config import FeedbackConfig
 from appliance.events import Kind
@@ -67,18 +67,22 @@ class MultiFeedback:
                 output.close()
 
 
-def build_feedback(config: FeedbackConfig, language: str, previous: MultiFeedback | None = None) -> MultiFeedback:
+def build_feedback(
+    config: FeedbackConfig, language: str, previous: MultiFeedback | None = None, console: TextIO | None = None
+) -> MultiFeedback:
     """The outputs named in ``feedback.outputs``; GPIO is imported only when asked for.
 
     A live change (from the hub, or a reload) passes the ``previous`` feedback: its GPIO output is
-    carried over when the pins are the same, since the pins cannot be opened twice.
+    carried over when the pins are the same, since the pins cannot be opened twice. ``console``: a
+    stream that is a display (the demo's), where names may show even if it is not a terminal; the
+    daemon passes none, so its stdout (the system journal under systemd) never carries a name.
     """
     outputs: list[Feedback] = []
     for name in config.outputs:
         if name == "console":
             from appliance.feedback.console import ConsoleFeedback
 
-            outputs.append(ConsoleFeedback(language, show_names=config.show_names))
+            outputs.append(ConsoleFeedback(language, show_names=config.show_names, stream=console))
         elif name == "sound":
             from appliance.feedback.sound import SoundFeedback
 
