@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from hub_support import ZONE, gate_event, payload, write_hub_config
+from hub_support import ZONE, ensure_registered, gate_event, payload, write_hub_config
 from openpyxl import load_workbook
 
 from appliance.cli import main
@@ -92,6 +92,7 @@ class Gate:
     """Events stored the way the hub stores them: through the real Ingest, as a gate publishes them."""
 
     def __init__(self, conn: Connection, device: str = "gate-01") -> None:
+        ensure_registered(conn, SCHOOL, device)
         self.ingest = Ingest(conn, "edugate")
         self.device = device
         self.seq = 0
