@@ -5,6 +5,12 @@ salvaged after damage can each leave holes in a gate's seq. The hub sees them (`
 ``highest`` above ``contiguous``, the tail known from the gate's status) and, once a hole has
 stayed open for ``resync_after`` seconds, sends that gate a signed ``resync`` command for
 exactly the missing ranges; it asks again if they are still missing after another period.
+
+Each request is kept (``resync_requests``) with its range: a gate that answers the top range with
+no events has nothing from there on, and the ingest stops waiting for it. The count of requests
+starts again only once the range asked for first is filled (appliance.hub.ingest), so a gap no
+gate can fill is given up after MAX_ATTEMPTS instead of holding the school's absence notices
+for ever (appliance.hub.jobs.notice_holds says which gate holds them and why).
 """
 
 from __future__ import annotations
@@ -94,18 +100,26 @@ class Resyncer:
             current = current_journal(status)
             if current is not None and current != journal:
                 continue  # an earlier journal of this gate (rebuilt after damage): it can no longer resend it
+            ranges = missing_ranges(self.conn, device, journal, contiguous, highest)
+            if not ranges:
+                continue
             claimed = self.conn.execute(
-                "UPDATE streams SET resync_requested_at = ?, resync_attempts = resync_attempts + 1 "
+                "UPDATE streams SET resync_requested_at = ?, resync_attempts = resync_attempts + 1, resync_upto = ? "
                 "WHERE device = ? AND journal = ? AND resync_attempts = ?",
-                [stamp, device, journal, attempts],
+                [stamp, ranges[0][1], device, journal, attempts],
             ).rowcount
             if claimed != 1:
                 continue  # another hub instance took it
-            ranges = missing_ranges(self.conn, device, journal, contiguous, highest)
             topic = Topics(self.prefix, school, device).downlink_topic("command")
             for first, last in ranges:
                 body = {"name": "resync", "from_seq": first, "to_seq": last, "journal": journal}
                 message = sign(self.key, new_message("command", school, device, body))
+                # Kept so that the gate's answer (how many events it sent again) can close a gap it has nothing for.
+                self.conn.execute(
+                    "INSERT INTO resync_requests(device, nonce, school, journal, from_seq, to_seq, sent_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, nonce) DO NOTHING",
+                    [device, message["nonce"], school, journal, first, last, stamp],
+                )
                 self.publish(topic, json.dumps(message, ensure_ascii=False).encode("utf-8"))
                 asked += 1
             log.warning(

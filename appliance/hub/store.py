@@ -20,7 +20,10 @@ from appliance.config import DatabaseConfig
 
 SCHEMA_VERSION = 3
 # Columns added to a table after it first shipped: a hub database made before gets them at the next start.
-ADDED_COLUMNS = [("published", "sealed_to", "TEXT")]  # 2: the gate key a roster or templates was sealed to
+ADDED_COLUMNS = [
+    ("published", "sealed_to", "TEXT"),  # 2: the gate key a roster or templates was sealed to
+    ("streams", "resync_upto", "BIGINT"),  # top of the lowest range the last resync request asked for
+]
 MIGRATE_LOCK = 0x65647567617465  # PostgreSQL advisory lock key held while creating tables ("edugate")
 
 TABLES = [
@@ -174,6 +177,32 @@ TABLES = [
         PRIMARY KEY (school, day, target)
     )""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # Refused messages counted per sender (the gate id of the topic, which the broker's ACL ties to the login): a
+    # flood is counted here, while only the first payloads of each hour are kept in rejected_messages.
+    """CREATE TABLE IF NOT EXISTS rejected_counts (
+        device TEXT PRIMARY KEY,
+        school TEXT NOT NULL,
+        refused BIGINT NOT NULL,
+        first_at TEXT NOT NULL,
+        last_at TEXT NOT NULL,
+        last_reason TEXT NOT NULL,
+        hour TEXT NOT NULL,
+        kept_in_hour INTEGER NOT NULL
+    )""",
+    # The resync commands sent to gates, so that a gate's answer (how many events it sent again) can close a gap
+    # it has nothing for.
+    """CREATE TABLE IF NOT EXISTS resync_requests (
+        device TEXT NOT NULL,
+        nonce TEXT NOT NULL,
+        school TEXT NOT NULL,
+        journal TEXT NOT NULL,
+        from_seq BIGINT NOT NULL,
+        to_seq BIGINT NOT NULL,
+        sent_at TEXT NOT NULL,
+        answered_at TEXT,
+        events BIGINT,
+        PRIMARY KEY (device, nonce)
+    )""",
 ]
 
 
