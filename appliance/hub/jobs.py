@@ -13,6 +13,11 @@ or missing events holds the absence decision back: its students' arrivals may no
 The decision waits up to ``attendance.absent_hold_minutes`` past the cut-off; after that the
 absentees are recorded, but their parents are not notified (a message to every family of a
 school whose gate lost the network would be worse than none), and a warning names the gates.
+
+Holding notices back is never silent: ``notice_holds`` says, per school and gate, why the gate holds
+them and which of today's classes wait for it or were recorded without notice (for ``edugate hub
+gates list``, the API's metrics and systemd's status line), and the jobs log it once per gate, day
+and cause.
 """
 
 from __future__ import annotations
@@ -39,6 +44,31 @@ RETRY_FAILED_AFTER = 300.0  # seconds before a job that raised is tried again
 
 
 @dataclass(frozen=True)
+class NoticeHold:
+    """A gate that holds its school's absence notices back: the decision waits for it, then goes without notice."""
+
+    school: str
+    gate: str
+    causes: tuple[str, ...]  # "offline", "backlog", "gap"
+    reason: str  # one line, e.g. "missing seq 6-9007199254740991 of journal 1a2b3c4d (resync request 3 of 8)"
+    since: str | None  # when the cause began (ISO), when known
+    waiting: tuple[str, ...] = ()  # today's classes past their cut-off whose decision waits (for this gate or another)
+    unnotified: tuple[str, ...] = ()  # today's classes recorded without notifying parents, this gate among the causes
+
+    @property
+    def withholding(self) -> bool:
+        """Whether notices are held back today (not only would be, at the next cut-off)."""
+        return bool(self.waiting or self.unnotified)
+
+
+@dataclass(frozen=True)
+class _Behind:
+    causes: tuple[str, ...]
+    reason: str
+    since: str | None
+
+
+@dataclass(frozen=True)
 class AbsenceDecision:
     school: str
     day: str
@@ -58,7 +88,12 @@ def report_key(school: str, day: str) -> str:
 
 def gates_behind(conn: Connection, school: str, now: datetime) -> list[str]:
     """Gates whose events of the day may not all be here: offline lately, a backlog, or a gap in their seq."""
-    behind: set[str] = set()
+    return sorted(_behind(conn, school, now))
+
+
+def _behind(conn: Connection, school: str, now: datetime) -> dict[str, _Behind]:
+    """gates_behind with the cause of each, in words."""
+    found: dict[str, list[tuple[str, str, str | None]]] = {}
     for device, online, status, status_at in conn.all(
         "SELECT device, online, status, status_at FROM devices WHERE school = ?", [school]
     ):
@@ -70,26 +105,78 @@ def gates_behind(conn: Connection, school: str, now: datetime) -> list[str]:
             if since.tzinfo is None:
                 since = since.replace(tzinfo=UTC)
             if now - since < OUT_OF_SERVICE:
-                behind.add(device)
+                when = since.astimezone(UTC).isoformat(timespec="seconds")
+                found.setdefault(device, []).append(("offline", f"offline since {when}", when))
             continue
         try:
             backlog = json.loads(status).get("backlog") or 0
         except (ValueError, AttributeError):
             backlog = 0
         if isinstance(backlog, int) and backlog > 0:
-            behind.add(device)
+            found.setdefault(device, []).append(("backlog", f"{backlog:,} events not sent yet (its status)", None))
     # A gap counts while it may still close: the hub has not given up asking for it, and it is in the gate's
     # current journal (an earlier one can no longer be resent). Else one lost range would hold every day's
     # absence messages for good.
-    for device, journal, status in conn.all(
-        "SELECT s.device, s.journal, d.status FROM streams s LEFT JOIN devices d ON d.device = s.device "
-        "WHERE s.school = ? AND s.highest > s.contiguous AND s.resync_attempts <= ?",
+    for device, journal, status, contiguous, highest, attempts, gap_since in conn.all(
+        "SELECT s.device, s.journal, d.status, s.contiguous, s.highest, s.resync_attempts, s.gap_since FROM streams s "
+        "LEFT JOIN devices d ON d.device = s.device WHERE s.school = ? AND s.highest > s.contiguous "
+        "AND s.resync_attempts <= ?",
         [school, MAX_ATTEMPTS],
     ):
         current = current_journal(status)
         if current is None or current == journal:
-            behind.add(device)
-    return sorted(behind)
+            asked = f"resync request {attempts} of {MAX_ATTEMPTS}" if attempts else "not asked for yet"
+            reason = f"missing seq {contiguous + 1}-{highest} of journal {journal[:8]} ({asked})"
+            found.setdefault(device, []).append(("gap", reason, gap_since))
+    return {
+        device: _Behind(tuple(c for c, _, _ in causes), "; ".join(r for _, r, _ in causes), causes[0][2])
+        for device, causes in found.items()
+    }
+
+
+def notice_holds(conn: Connection, config: HubConfig, now: datetime | None = None) -> list[NoticeHold]:
+    """Per school and gate: every gate that holds the school's absence notices back, why, and what it holds today.
+
+    A gate offline lately, with a backlog or a gap it may still fill holds the absence decision of each class
+    until it catches up, and past ``attendance.absent_hold_minutes`` the absentees are recorded without
+    notifying their parents. For ``edugate hub gates list`` (an alert per gate), the API's metrics and the log.
+    """
+    now = (now or datetime.now(config.zone)).astimezone(config.zone)
+    today = now.date()
+    holds: list[NoticeHold] = []
+    for school in schools(conn, config):
+        behind = _behind(conn, school, now)
+        if not behind:
+            continue
+        waiting: list[str] = []
+        unnotified: dict[str, list[str]] = {}
+        if is_school_day(config, today):
+            for class_name in classes(conn, school):
+                if now < cutoff(config, today, class_name):
+                    continue
+                row = conn.one(
+                    "SELECT value FROM meta WHERE key = ?", [absence_key(school, today.isoformat(), class_name)]
+                )
+                if row is None:
+                    waiting.append(class_name)
+                    continue
+                decided = json.loads(row[0])
+                if not decided.get("notified"):
+                    for gate in decided.get("behind") or []:
+                        unnotified.setdefault(gate, []).append(class_name)
+        for gate, cause in sorted(behind.items()):
+            holds.append(
+                NoticeHold(
+                    school,
+                    gate,
+                    cause.causes,
+                    cause.reason,
+                    cause.since,
+                    tuple(waiting),
+                    tuple(unnotified.get(gate, [])),
+                )
+            )
+    return holds
 
 
 def _meta_exists(conn: Connection, key: str) -> bool:
@@ -198,6 +285,7 @@ class DailyJobs(RoundWorker):
         self.ready = ready
         self._failed: dict[str, float] = {}
         self._exported: set[str] = set()
+        self._holds_logged: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}  # (school, gate) -> (day, causes)
 
     def _guarded(self, key: str, job: Callable[[], object]) -> None:
         """Run one job; one that raised waits ``RETRY_FAILED_AFTER`` before it is tried again (no log flood)."""
@@ -245,6 +333,33 @@ class DailyJobs(RoundWorker):
                 self._guarded(report_key(school, today.isoformat()), lambda s=school: self._report(s, today))
             if self._stop.is_set():
                 return
+        self._guarded("notice-holds", lambda: self._log_holds(now))
+
+    def _log_holds(self, now: datetime) -> None:
+        """Say in the log which gate holds which school's absence notices back, once per gate, day and cause, and
+        when it no longer does: notices held back in silence looked like a school with nobody absent."""
+        day = now.date().isoformat()
+        current: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
+        for hold in notice_holds(self._connection(), self.config, now):
+            if not hold.withholding:
+                continue
+            key = (hold.school, hold.gate)
+            current[key] = (day, hold.causes)
+            if self._holds_logged.get(key) == current[key]:
+                continue
+            log.warning(
+                "absence notices of %s %s held back by gate %s: %s; waiting: %s; recorded without notice: %s "
+                "(parents are not notified of a class decided while it is behind)",
+                hold.school,
+                day,
+                hold.gate,
+                hold.reason,
+                ", ".join(hold.waiting) or "none",
+                ", ".join(hold.unnotified) or "none",
+            )
+        for school, gate in set(self._holds_logged) - set(current):
+            log.info("absence notices of %s: gate %s no longer holds them back", school, gate)
+        self._holds_logged = current
 
 
 def _unfinished_pushes(conn: Connection, today: date) -> list[tuple[str, date]]:

@@ -29,6 +29,7 @@ RESYNC_EVERY = 5.0
 CATCH_UP_SECONDS = 30.0  # after a (re)connect, time for the broker to hand over what it queued for the hub
 PRUNE_EVERY = 3600.0  # seconds between two prunes of old rejected messages (a full scan of that table)
 REJECTED_RETENTION = timedelta(days=30)  # refused payloads may hold personal data: kept for diagnosis only
+STATUS_EVERY = 60.0  # seconds between two updates of the status line systemd shows (notices held back, refusals)
 
 
 class Component(Protocol):
@@ -77,6 +78,7 @@ class HubService:
         )
         self._stop = threading.Event()
         self._prune_due = 0.0  # at the first housekeeping round
+        self._status_due = 0.0
         self.notifier = Notifier()
         self._add_optional_parts()
 
@@ -152,9 +154,29 @@ class HubService:
             if time.monotonic() >= self._prune_due:
                 cutoff = (datetime.now(UTC) - REJECTED_RETENTION).isoformat(timespec="milliseconds")
                 self.resyncer.conn.execute("DELETE FROM rejected_messages WHERE received_at < ?", [cutoff])
+                self.resyncer.conn.execute("DELETE FROM resync_requests WHERE sent_at < ?", [cutoff])
                 self._prune_due = time.monotonic() + PRUNE_EVERY
+            if time.monotonic() >= self._status_due:
+                self._status_due = time.monotonic() + STATUS_EVERY
+                self.notifier.notify(f"STATUS={self.status_line()}")
         except Exception as exc:
             log.error("hub: resync round failed: %s", exc)
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status edugate-hub``: what was stored and refused, and any gate holding a
+        school's absence notices back (the same as ``notice_holds`` gives ``hub gates list`` and the metrics)."""
+        from appliance.hub.jobs import notice_holds
+
+        stats = self.ingest.ingest.stats if self.ingest.ingest is not None else None
+        line = f"{stats.stored:,} events stored, {stats.rejected:,} messages refused" if stats else "starting"
+        holding = [h for h in notice_holds(self.resyncer.conn, self.config) if h.withholding]
+        if holding:
+            first = holding[0]
+            line += (
+                f"; ABSENCE NOTICES HELD BACK by {len(holding)} gate(s), e.g. {first.school}/{first.gate}: "
+                f"{first.reason}"
+            )
+        return line
 
     def caught_up(self) -> bool:
         """Online for a while with nothing waiting to be stored: what the broker queued for the hub is in."""
