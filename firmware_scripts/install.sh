@@ -154,7 +154,7 @@ else
     run useradd --system --gid "$USER_NAME" --home-dir "$STATE_DIR" --no-create-home \
         --shell /usr/sbin/nologin --comment "edugate gate daemon" "$USER_NAME"
 fi
-for group in input audio gpio; do
+for group in input audio video gpio; do
     if getent group "$group" >/dev/null; then
         run usermod --append --groups "$group" "$USER_NAME"
     else

@@ -274,10 +274,56 @@ def test_unit_file_settings() -> None:
     assert "PrivateDevices" not in service, "PrivateDevices hides /dev/input and /dev/snd"
     assert service["DevicePolicy"] == "closed"
     allowed = unit["Service"]["DeviceAllow"]
-    for device in ("char-input rw", "char-alsa rw", "/dev/gpiochip0 rw", "/dev/gpiomem rw"):
+    for device in ("char-input rw", "char-alsa rw", "/dev/gpiochip0 rw", "/dev/gpiomem rw", "char-video4linux rw"):
         assert device in allowed, device
+    assert "video" in service["SupplementaryGroups"].split()  # /dev/video* is root:video 0660
     # The daemon reads the clock state with adjtimex(2); ProtectClock= would make that EPERM.
     assert service.get("ProtectClock", "no") == "no"
+
+
+def test_unit_file_hardening_keeps_what_the_gate_needs() -> None:
+    service = unit_directives(UNIT)["Service"]
+    one = {key: values[-1] for key, values in service.items()}
+    # Allow-list first, then remove, then add back the clock read (glibc's adjtimex is clock_adjtime) and mbind.
+    assert service["SystemCallFilter"] == [
+        "@system-service",
+        "~@privileged @resources @setuid",
+        "adjtimex clock_adjtime clock_adjtime64 mbind",
+    ]
+    assert one["SystemCallErrorNumber"] == "EPERM"  # a call left out fails; it does not kill the gate
+    assert one["ProtectProc"] == "invisible" and one["RemoveIPC"] == "yes" and one["PrivateMounts"] == "yes"
+    assert one["LimitNOFILE"] == "1024"
+    assert "ProcSubset" not in one, "onnxruntime reads /proc/cpuinfo to choose its kernels on ARM"
+    assert "MemoryDenyWriteExecute" not in one, "CUDA/TensorRT on a Jetson compile kernels at run time"
+    # The school's network only: the broker on the school's server, an IP camera; never the internet.
+    assert one["IPAddressDeny"] == "any"
+    allowed = one["IPAddressAllow"].split()
+    assert {"localhost", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"} <= set(allowed)
+    assert "any" not in allowed and "0.0.0.0/0" not in allowed
+
+
+def exposure(unit: Path) -> float:
+    """systemd-analyze's overall exposure of a unit file (0 best, 10 worst)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    result = subprocess.run(
+        [analyze, "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_COLORS": "0"},
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+    assert found, result.stdout[-2000:] + result.stderr
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("unit", [UNIT, REPO / "systemd" / "edugate-hub.service"], ids=lambda u: u.name)
+def test_units_exposure_stays_below_2_5(unit: Path) -> None:
+    """Debian 12's systemd-analyze: 3.6 (gate) and 3.2 (hub) before the hardening; 2.0 and 1.4 after."""
+    assert exposure(unit) < 2.5
 
 
 def test_unit_file_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -341,6 +387,11 @@ def test_hub_unit_runs_the_hub_hardened() -> None:
     assert service["ExecStart"] == "/opt/edugate/venv/bin/edugate hub run --config /etc/edugate/hub.toml"
     assert service["User"] == "edugate-hub" and service["StateDirectory"] == "edugate-hub"
     assert service["ProtectSystem"] == "strict" and service["CapabilityBoundingSet"] == ""
+    assert unit["Service"]["SystemCallFilter"] == ["@system-service", "~@privileged @resources @setuid", "mbind"]
+    assert service["SystemCallErrorNumber"] == "EPERM" and service["MemoryDenyWriteExecute"] == "yes"
+    assert service["ProtectProc"] == "invisible" and service["ProcSubset"] == "pid"
+    assert service["RemoveIPC"] == "yes" and service["PrivateMounts"] == "yes"
+    assert service["LimitNOFILE"] == "8192"
 
 
 def test_hub_unit_systemd_analyze_verify(tmp_path: Path) -> None:
