@@ -360,9 +360,9 @@ class RefusalLog:
     def _summarise(self, device: str, current: _Window, now: float) -> None:
         if current.more:
             log.warning(
-                "hub: %d more messages from %s refused in the last %.0f s (the last: %s); all are counted in "
+                "hub: %s more messages from %s refused in the last %.0f s (the last: %s); all are counted in "
                 "rejected_counts, the first %d of each hour kept in rejected_messages",
-                current.more,
+                f"{current.more:,}",
                 device,
                 now - current.start,
                 current.last,
