@@ -302,6 +302,35 @@ def test_unit_file_hardening_keeps_what_the_gate_needs() -> None:
     assert "any" not in allowed and "0.0.0.0/0" not in allowed
 
 
+def test_the_display_drop_in_of_the_security_doc_loads_with_the_unit(tmp_path: Path) -> None:
+    """docs/security/gate.md's drop-in that puts the console (with names) on the gate's display."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    doc = (REPO / "docs" / "security" / "gate.md").read_text(encoding="utf-8")
+    (drop_in,) = re.findall(r"```ini\n(.*?)```", doc, re.S)
+    assert "StandardOutput=tty" in drop_in and "StandardError=journal" in drop_in
+    shutil.copy(UNIT, tmp_path / "edugate.service")
+    (tmp_path / "edugate.service.d").mkdir()
+    (tmp_path / "edugate.service.d" / "display.conf").write_text(drop_in, encoding="utf-8")
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", str(tmp_path / "edugate.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+        cwd=tmp_path,
+    )
+    problems = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if line.strip() and "/opt/edugate/venv/bin/edugate" not in line
+    ]
+    assert not problems, "\n".join(problems)
+    assert exposure(tmp_path / "edugate.service") < 2.5
+
+
 def exposure(unit: Path) -> float:
     """systemd-analyze's overall exposure of a unit file (0 best, 10 worst)."""
     analyze = shutil.which("systemd-analyze")
