@@ -316,3 +316,25 @@ def test_provisioning_registers_the_gate_with_the_keys_it_shows(hub_store: Store
         assert gate is not None and gate.fingerprint == found["fingerprint"] and gate.school == SCHOOL
     finally:
         conn.close()
+
+
+def test_hub_gates_list_flags_a_gate_that_holds_absence_notices_back(hub_store: Store, tmp_path: Path) -> None:
+    """A registered gate with a gap in its seqs holds its school's absence notices: IT sees it next to the gate."""
+    config = hub_toml(tmp_path, hub_store)
+    conn = hub_store.connect()
+    try:
+        gate = register_gate(conn, SCHOOL, DEVICE, tmp_path / "gate.key")
+        ingest = Ingest(conn, "edugate")
+        status = {**offline(), "online": True, "version": "test", "readers": [], "camera": None, "clock_ok": True,
+                  "backlog": 0, "oldest_unsynced_age_s": None, "last_seq": 10, "journal": "a" * 32}  # fmt: skip
+        del status["reason"]
+        feed(ingest, f"edugate/{SCHOOL}/{DEVICE}/status", gate.status(status))
+        for seq in range(1, 6):
+            feed(ingest, f"edugate/{SCHOOL}/{DEVICE}/events", gate_event(DEVICE, seq))
+        assert ingest.stats.statuses == 1 and stored_events(conn, DEVICE) == 5
+    finally:
+        conn.close()
+    listing = cli("hub", "gates", "list", "--config", str(config))
+    assert listing.exit_code == 0, listing.output
+    flagged = [line for line in listing.stdout.splitlines() if line.startswith("  ! behind")]
+    assert len(flagged) == 1 and "(gap" in flagged[0] and "missing seq 6-10" in flagged[0], listing.stdout

@@ -12,6 +12,7 @@ from appliance.cli.common import fail, friendly_errors
 from appliance.cli.hub import hub_config_option
 from appliance.config import load_hub_config
 from appliance.hub import gates
+from appliance.hub.jobs import NoticeHold, notice_holds
 from appliance.hub.store import migrated_connection
 
 
@@ -119,6 +120,7 @@ def gates_list(config_path: Path) -> None:
     with migrated_connection(config.database) as conn:
         known = gates.all_gates(conn)
         statuses = {r[0]: r[1:] for r in conn.all("SELECT device, online, status, status_at FROM devices")}
+        holds = {(h.school, h.gate): h for h in notice_holds(conn, config)}
     if not known:
         click.echo("no gates registered: on each gate `edugate identity`, then `edugate hub gates add ...` here")
     for gate in known:
@@ -136,6 +138,22 @@ def gates_list(config_path: Path) -> None:
             )
         if gate.refused:
             click.echo(f"  ! {gate.refused} message(s) refused, the last at {gate.last_refusal}")
+        hold = holds.pop((gate.school, gate.device), None)
+        if hold is not None:
+            click.echo(f"  ! {_hold_line(hold)}")
+    for hold in holds.values():  # a gate the hub tracks that is no longer registered
+        click.echo(f"{hold.school}/{hold.gate}: ! {_hold_line(hold)}")
+
+
+def _hold_line(hold: NoticeHold) -> str:
+    """What a gate that is behind does to its school's absence notices today, in one line."""
+    since = f" since {hold.since}" if hold.since else ""
+    line = f"behind ({', '.join(hold.causes)}{since}): {hold.reason}"
+    if hold.unnotified:
+        return f"{line}; absences of {', '.join(hold.unnotified)} recorded WITHOUT notifying parents"
+    if hold.waiting:
+        return f"{line}; absence notices of {', '.join(hold.waiting)} HELD BACK until it catches up"
+    return f"{line}; absence notices will wait for it at the next cut-off"
 
 
 @hub_gates.command("forget")
