@@ -136,17 +136,48 @@ def validate(model: type[Model], data: dict[str, Any], source: str) -> Model:
         raise ConfigError(format_errors(source, exc, model)) from None
 
 
+# A config is a few kilobytes, its tables a few levels deep. Far more is no config: tomllib would recurse until
+# RecursionError on deep nesting, and the error report's repr() of a deep value would too.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_DEPTH = 16
+
+
+def _depth(data: Any) -> int:
+    """How deeply tables and arrays nest, counted without recursion (the point is to refuse what would recurse)."""
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        value, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > MAX_CONFIG_DEPTH:
+            break
+        if isinstance(value, dict):
+            stack.extend((item, level + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, level + 1) for item in value)
+    return deepest
+
+
 def read_toml(path: Path, example: str) -> dict[str, Any]:
     """A TOML file as a dict, or a ConfigError naming the file and what to do."""
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, so not a config; is it the right file?"
+            )
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (pass --config FILE or create it from {example})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    too_deep = f"{path}: tables or arrays nested more than {MAX_CONFIG_DEPTH} deep; start again from {example}"
     try:
-        return tomllib.loads(raw.decode("utf-8"))
+        data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(too_deep) from None
+    if _depth(data) > MAX_CONFIG_DEPTH:
+        raise ConfigError(too_deep)
+    return data

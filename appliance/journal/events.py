@@ -119,26 +119,44 @@ class EventJournal:
         return cur.rowcount
 
 
+_SHOWN_FIELDS = ("seq", "ts", "kind", "clock_ok")
+
+
 def read_events(
     database: Database, since: str | None = None, unsynced: bool = False, limit: int | None = None
 ) -> Iterator[dict]:
-    """Events as wire dicts in seq order, optionally from a timestamp/day and only unsynced ones."""
+    """Events as wire dicts in seq order, optionally from a timestamp/day and only unsynced ones.
+
+    A damaged journal (an unreadable page, a payload that is no event) ends the listing with a JournalError
+    saying after which seq, once every event before it has been given: those are still worth reading.
+    """
     clauses, params = [], []
     if since:
         clauses.append("ts >= ?")
         params.append(since)
     if unsynced:
         clauses.append("synced_at IS NULL")
-    sql = "SELECT payload, synced_at FROM events"
+    sql = "SELECT seq, payload, synced_at FROM events"
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY seq"
     if limit:
         sql += f" LIMIT {int(limit)}"
-    for payload, synced_at in database.conn.execute(sql, params):
-        data = json.loads(payload)
-        data["synced_at"] = synced_at
-        yield data
+    after = ""
+    salvage = "the daemon salvages what is readable at its next start (systemctl restart edugate)"
+    try:
+        for seq, payload, synced_at in database.conn.execute(sql, params):
+            try:
+                data = json.loads(payload)
+            except (TypeError, ValueError, RecursionError):
+                data = None
+            if not isinstance(data, dict) or any(key not in data for key in _SHOWN_FIELDS):
+                raise JournalError(f"{database.path}: event seq {seq} is damaged (its payload is not an event)")
+            data["synced_at"] = synced_at
+            yield data
+            after = f" after seq {seq}"
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(f"{database.path}: the journal is damaged{after} ({exc}); {salvage}") from None
 
 
 def journal_stats(database: Database) -> JournalStats:

@@ -3,12 +3,20 @@
 Headers may be Vietnamese or English (matched without diacritics or case) or set in the
 config; every row is checked, and the import is all-or-nothing: one bad row rejects the
 file, with a report of every rejected row and why.
+
+The file comes from outside and may be anything (damaged, truncated, not a roster at all, made
+to hurt): whatever it holds, reading it ends in a RosterFileError whose one line says what is
+wrong and what to do, never in a traceback, and the limits below keep a hostile file from taking
+the machine's memory or time.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +27,17 @@ from appliance.roster.model import Person, Role, check_email, fold, normalise_na
 
 class RosterFileError(Exception):
     """The file as a whole cannot be read (format, encoding, missing columns)."""
+
+
+# A school's roster is a few thousand rows of a few short cells: anything far beyond is not a roster.
+MAX_FILE_BYTES = 50 * 1024 * 1024
+MAX_UNPACKED_BYTES = 200 * 1024 * 1024  # what an .xlsx may unpack to (a zip bomb is refused before reading)
+MAX_ROWS = 100_000
+MAX_COLUMNS = 200
+MAX_CELL_CHARS = 10_000
+# What the hub may publish to gates (downlink.schema.json): longer values would be refused there, later.
+MAX_ID_CHARS, MAX_NAME_CHARS, MAX_CLASS_CHARS = 64, 200, 50
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
@@ -89,8 +108,15 @@ class RowError:
     reason: str
 
     def __str__(self) -> str:
-        who = f" ({self.person_id})" if self.person_id else ""
-        return f"row {self.row}{who}: {self.reason}"
+        """One line, of a readable length even when the file holds a page of text in a cell."""
+        who = f" ({_shown(self.person_id)})" if self.person_id else ""
+        return f"row {self.row}{who}: {_shown(self.reason)}"
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    if _CONTROL.search(text):
+        text = repr(text)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 @dataclass
@@ -105,10 +131,15 @@ def header_key(text: object) -> str:
     return " ".join(fold(str(text or "")).replace("_", " ").replace("-", " ").split())
 
 
-def _read_csv(path: Path) -> list[list[str | int]]:
-    raw = path.read_bytes()
+def _decode(path: Path, raw: bytes) -> str:
+    """UTF-16 with its BOM, else UTF-8 (BOM or not); anything else is refused with the way to save it right."""
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        text = raw.decode("utf-16")
+        try:
+            text = raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise RosterFileError(
+                f"{path}: damaged UTF-16 text (cut short or not text); in Excel use Save As > 'CSV UTF-8'"
+            ) from None
     else:
         try:
             text = raw.decode("utf-8-sig")
@@ -116,33 +147,122 @@ def _read_csv(path: Path) -> list[list[str | int]]:
             raise RosterFileError(
                 f"{path}: not UTF-8; in Excel use Save As > 'CSV UTF-8', or import the .xlsx"
             ) from None
+    if "\x00" in text:
+        raise RosterFileError(
+            f"{path}: holds NUL bytes, so it is not CSV text (UTF-16 without its BOM?); "
+            "in Excel use Save As > 'CSV UTF-8'"
+        )
+    return text
+
+
+def _read_csv(path: Path) -> list[list[str | int]]:
+    text = _decode(path, _read_bytes(path))
     sample = text[:4096]
     try:
         dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
-    return [list(row) for row in csv.reader(io.StringIO(text), dialect) if any(cell.strip() for cell in row)]
+    reader = csv.reader(io.StringIO(text), dialect)
+    rows: list[list[str | int]] = []
+    try:
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                _check_size(path, len(rows), reader.line_num, row)
+                rows.append(list(row))
+    except csv.Error as exc:
+        problem = f"a cell of more than {MAX_CELL_CHARS} characters" if "field limit" in str(exc) else str(exc)
+        raise RosterFileError(
+            f"{path}: line {reader.line_num} is not valid CSV ({problem}); export the roster again as 'CSV UTF-8'"
+        ) from None
+    return rows
+
+
+def _check_file_size(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise RosterFileError(f"{path}: cannot read: {exc.strerror}") from None
+    if size > MAX_FILE_BYTES:
+        raise RosterFileError(
+            f"{path}: {size // (1024 * 1024)} MB is too large for a roster "
+            f"(at most {MAX_FILE_BYTES // (1024 * 1024)} MB); is it the right file?"
+        )
+
+
+def _read_bytes(path: Path) -> bytes:
+    _check_file_size(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RosterFileError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _check_size(path: Path, kept: int, line: int, cells: list[str] | list[str | int]) -> None:
+    """Refuse what no roster holds before it is kept: too many rows, or a cell of a whole page's text."""
+    if kept >= MAX_ROWS:
+        raise RosterFileError(f"{path}: more than {MAX_ROWS} rows; is it the right file?")
+    longest = max((len(cell) for cell in cells if isinstance(cell, str)), default=0)
+    if longest > MAX_CELL_CHARS:
+        raise RosterFileError(
+            f"{path}: row {line} has a cell of {longest} characters (at most {MAX_CELL_CHARS}); is it the right file?"
+        )
+
+
+def _check_zip(path: Path) -> None:
+    """An .xlsx is a zip: refuse a non-zip or one that would unpack to far more than any roster."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, EOFError):
+        raise RosterFileError(
+            f"{path}: not a readable .xlsx workbook (damaged, cut short or another format); "
+            "open it in Excel and save it again as .xlsx"
+        ) from None
+    except OSError as exc:
+        raise RosterFileError(f"{path}: cannot read: {exc.strerror}") from None
+    if unpacked > MAX_UNPACKED_BYTES:
+        raise RosterFileError(
+            f"{path}: unpacks to {unpacked // (1024 * 1024)} MB, far more than a roster; is it the right file?"
+        )
 
 
 def _read_xlsx(path: Path, sheet: str | None) -> list[list[str | int]]:
     from openpyxl import load_workbook
 
-    try:
-        book = load_workbook(path, read_only=True, data_only=True)
-    except Exception as exc:
-        raise RosterFileError(f"{path}: not a readable .xlsx workbook ({exc.__class__.__name__})") from None
-    try:
-        if sheet is not None and sheet not in book.sheetnames:
-            raise RosterFileError(f"{path}: no sheet named {sheet!r}; sheets: {', '.join(book.sheetnames)}")
-        ws = book[sheet] if sheet else book.worksheets[0]
-        rows = []
-        for values in ws.iter_rows(values_only=True):
-            cells = ["" if v is None else _cell_value(v) for v in values]
-            if any(str(c).strip() for c in cells):
-                rows.append(cells)
-        return rows
-    finally:
-        book.close()
+    _check_file_size(path)
+    _check_zip(path)
+    damaged = f"{path}: not a readable .xlsx workbook"
+    save_again = "open it in Excel and save it again as .xlsx"
+    # openpyxl warns on stderr about every oddity of a damaged file; the one line below says what matters.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            book = load_workbook(path, read_only=True, data_only=True)
+        except Exception as exc:  # openpyxl, zipfile and the XML parser each raise their own on a damaged file
+            raise RosterFileError(f"{damaged} ({exc.__class__.__name__}); {save_again}") from None
+        try:
+            sheets = {ws.title: ws for ws in book.worksheets}
+            if sheet is not None and sheet not in sheets:
+                raise RosterFileError(f"{path}: no sheet named {sheet!r}; sheets: {', '.join(sheets) or 'none'}")
+            if not sheets:
+                raise RosterFileError(f"{path}: the workbook has no worksheet; {save_again}")
+            ws = sheets[sheet] if sheet else next(iter(sheets.values()))
+            rows = []
+            width = min(ws.max_column or MAX_COLUMNS, MAX_COLUMNS)  # a sheet may claim 16,384 columns
+            for line, values in enumerate(ws.iter_rows(max_col=width, values_only=True), start=1):
+                if line > MAX_ROWS:  # blank rows count too: a million of them is no roster either
+                    raise RosterFileError(f"{path}: more than {MAX_ROWS} rows; is it the right file?")
+                cells = ["" if v is None else _cell_value(v) for v in values]
+                if any(str(c).strip() for c in cells):
+                    _check_size(path, len(rows), line, cells)
+                    rows.append(cells)
+            return rows
+        except RosterFileError:
+            raise
+        except Exception as exc:  # a damaged sheet shows only while it is read
+            raise RosterFileError(f"{damaged} (its sheet is damaged: {exc.__class__.__name__}); {save_again}") from None
+        finally:
+            book.close()
 
 
 def _cell_value(value: object) -> str | int:
@@ -217,6 +337,16 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.translate(_LIST_SEPARATORS).split(";") if part.strip()]
 
 
+def _text_problems(what: str, text: str, limit: int) -> list[str]:
+    """What the gates could not be sent (downlink.schema.json) or would show garbled: too long, control characters."""
+    problems = []
+    if len(text) > limit:
+        problems.append(f"{what} longer than {limit} characters ({len(text)})")
+    if _CONTROL.search(text):
+        problems.append(f"{what} holds a control character (invisible, e.g. \\x07): retype it")
+    return problems
+
+
 def _parse_row(cells: dict[str, str], config: RosterConfig) -> tuple[Person | None, list[str]]:
     problems: list[str] = []
     person_id = cells.get("id", "").strip()
@@ -228,6 +358,13 @@ def _parse_row(cells: dict[str, str], config: RosterConfig) -> tuple[Person | No
     name = normalise_name(name)
     if not name:
         problems.append("missing full name")
+    class_name = normalise_name(cells.get("class_name", "")) or None
+    for what, text, limit in (
+        ("person id", person_id, MAX_ID_CHARS),
+        ("full name", name, MAX_NAME_CHARS),
+        ("class", class_name or "", MAX_CLASS_CHARS),
+    ):
+        problems += _text_problems(what, text, limit)
 
     role = Role.STUDENT
     role_text = header_key(cells.get("role", ""))
@@ -248,7 +385,6 @@ def _parse_row(cells: dict[str, str], config: RosterConfig) -> tuple[Person | No
         else:
             problems.append(f"unknown status {cells['active']!r} (use yes/no, đang học/nghỉ học)")
 
-    class_name = normalise_name(cells.get("class_name", "")) or None
     if role is Role.STUDENT and class_name is None:
         problems.append("missing class")
     elif class_name and config.classes and class_name not in config.classes:
