@@ -45,7 +45,7 @@ def start_hub(tmp_path: Path, store: Store, broker: Broker, pki: Pki, *devices: 
     config = write_hub_config(
         tmp_path / "hub.toml",
         {
-            "hub": {"id": "hub-test", "schools": [SCHOOL]},
+            "hub": {"id": "hub-test"},
             "database": store.config.model_dump(mode="json", exclude_none=True),
             "mqtt": hub_mqtt(tmp_path, broker, pki),
             "signing": {"key_file": str(tmp_path / "no-signing.key")},
@@ -95,9 +95,10 @@ def test_a_flood_from_one_login_neither_buries_another_gates_check_in_nor_grows_
     conn = hub_store.connect()
     try:
         flood_start = time.monotonic()
-        sent = [thief.client.publish(events_topic("gate-01"), junk(n), qos=1) for n in range(JUNK)]
-        for info in sent:
-            info.wait_for_publish(60)
+        for chunk in range(0, JUNK, 1_000):  # as fast as the broker takes them, without 200 MB queued in paho
+            sent = [thief.client.publish(events_topic("gate-01"), junk(n), qos=1) for n in range(chunk, chunk + 1_000)]
+            for info in sent:
+                info.wait_for_publish(60)
         good = gate_event("gate-02", 1)
         assert not honest.publish(events_topic("gate-02"), payload(good)).is_failure
         behind_the_flood = time.monotonic()
@@ -108,7 +109,7 @@ def test_a_flood_from_one_login_neither_buries_another_gates_check_in_nor_grows_
             f"{JUNK} junk messages published in {behind_the_flood - flood_start:.1f} s; gate-02's event published "
             f"behind them stored {stored - behind_the_flood:.1f} s later"
         )
-        assert stored - behind_the_flood < 30  # generous for a busy 2-core machine: 0.3-0.8 s here, 4.3 s before
+        assert stored - behind_the_flood < 30  # generous for a busy 2-core machine: 0.3-1.1 s here, 4.3 s before
         assert one(conn, "SELECT COUNT(*) FROM events") == 1
         kept = conn.all("SELECT payload FROM rejected_messages")
         assert len(kept) <= 2 * KEPT_PER_HOUR  # per hour: twice only if the test ran across the hour's turn
