@@ -418,7 +418,8 @@ class Ingest:
         chokes on: the messages are then stored one by one. One that still fails is stored without
         the hooks if it can be (the check-in counts more than its notification), else recorded as
         rejected; either way it is acknowledged, so a single bad message never blocks the queue.
-        A transient failure (database busy or down) propagates: nothing is acknowledged, retry later.
+        A transient failure (database busy or down, no file handle or memory left) propagates: nothing is
+        acknowledged, retry later.
         """
         try:
             self._store(batch)
