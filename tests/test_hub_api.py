@@ -137,7 +137,11 @@ def hub_config(store: Store, tmp_path: Path, token_file: Path | None, **api: Any
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "api.tokens"
-    path.write_text(f"# office\n{TOKEN}\n{OTHER_TOKEN}  # city dashboard\n\nshort\n", encoding="utf-8")
+    path.write_text(
+        f"# office\n{TOKEN} schools=* rights=read,write,approve\n"
+        f"{OTHER_TOKEN} schools={SCHOOL} rights=read  # city dashboard\n\nshort\n",
+        encoding="utf-8",
+    )
     path.chmod(0o600)
     return path
 
@@ -214,7 +218,7 @@ def test_a_token_file_that_appears_later_is_read_without_a_restart(
     path.write_text("# nothing yet\n")
     empty = Client(server).get("/v1/health")
     assert empty.status_code == 503 and "holds no token" in error_of(empty)
-    path.write_text(TOKEN + "\n")
+    path.write_text(f"{TOKEN} schools={SCHOOL} rights=read\n")
     assert Client(server).get("/v1/health").status_code == 200
 
 
@@ -238,7 +242,7 @@ def test_missing_wrong_and_right_tokens(
     assert health.json()["status"] == "ok" and health.json()["database"] == "ok" and health.json()["hub"] == "hub-test"
     assert Client(server, token=OTHER_TOKEN).get("/v1/health").status_code == 200
 
-    token_file.write_text(OTHER_TOKEN + "\n")  # the office's token revoked: no restart needed
+    token_file.write_text(f"{OTHER_TOKEN} schools={SCHOOL} rights=read\n")  # the office's token revoked: no restart
     assert Client(server).get("/v1/health").status_code == 401
     assert Client(server, token=OTHER_TOKEN).get("/v1/health").status_code == 200
 
@@ -425,7 +429,7 @@ def test_person_history_filters_and_pages(monday: Client, hub_conn: Connection) 
         too = monday.get(path, limit=limit)
         assert too.status_code == 422 and error_of(too).startswith("limit: "), limit
     assert monday.get(path, kind="teleport").status_code == 422
-    assert monday.get(path, cursor="not-a-cursor").status_code == 422
+    assert monday.get(path, cursor="not-a-cursor").status_code == 400
     unknown = monday.get(f"/v1/schools/{SCHOOL}/people/HS999/events")
     assert unknown.status_code == 404 and "HS999" in error_of(unknown)
 

@@ -322,7 +322,7 @@ class ReportConfig(Section):
 
 
 class ApiConfig(Section):
-    """The hub's HTTP API for the school office and integrations (appliance/hub/api/)."""
+    """The hub's HTTP API for the school office and integrations (appliance/hub/api/, docs/security/api.md)."""
 
     enabled: bool = True
     listen: str = Field(
@@ -331,12 +331,16 @@ class ApiConfig(Section):
     port: int = Field(8780, ge=1, le=65535)
     token_file: Path | None = Field(
         None,
-        description="bearer tokens, one per line (# starts a comment, at least 16 characters each); "
-        "re-read when it changes; without it the API refuses every request",
+        description="one line per integration: TOKEN schools=SCHOOL[,SCHOOL...] rights=read[,write][,approve] "
+        "(# starts a comment; tokens at least 16 characters); re-read when it changes; without it the API "
+        "refuses every request",
     )
     workers: int = Field(8, ge=1, le=64, description="requests answered at once, each with its own database connection")
     tls_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate chain (PEM)")
     tls_key_file: Path | None = Field(None, description="the certificate's private key (PEM)")
+    max_body_bytes: int = Field(
+        65536, ge=1024, le=16 * 1024 * 1024, description="largest request body; a larger one is refused (413) unread"
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ApiConfig:

@@ -1,8 +1,11 @@
 """The routes of the hub's API (FastAPI): attendance, a person's history, gates, health, leave requests.
 
 Handlers are plain functions, run by FastAPI in a bounded thread pool; each takes a database
-connection from the pool for the length of the request. Every error is ``{"error": "..."}``
-with the status that fits (401, 404, 422, 503), and JSON is UTF-8 with names as they are.
+connection from the pool for the length of the request. The token was checked at the door
+(:mod:`appliance.hub.api.door`) before the request got here; every route checks its school against
+the token's again and every query that lists gates is limited to the token's schools, so a mistake
+in one place does not open another school's data. Every error is ``{"error": "..."}`` with the
+status that fits (400, 401, 403, 404, 413, 422, 503), and JSON is UTF-8 with names as they are.
 """
 
 import base64
@@ -19,15 +22,16 @@ from typing import Annotated, Any, Literal
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.config import HubConfig
 from appliance.hub import attendance
-from appliance.hub.api.auth import Caller, NoTokens, TokenFile
+from appliance.hub.api.auth import Caller, OutOfScope
+from appliance.hub.api.door import CALLER, body_too_large
 from appliance.hub.api.models import (
+    UTF8JSON,
     ClassAttendance,
     Counts,
     ErrorOut,
@@ -50,15 +54,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-REALM = 'Bearer realm="edugate-hub"'
+MAX_CURSOR = 256  # characters; this API's cursors are about 100
 EventKind = Literal["arrival", "departure", "tap", "unknown_card", "rejected", "card_face_mismatch", "unknown_face"]
 _ISO_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-class UTF8JSON(JSONResponse):
-    """JSON with its charset spelled out: some office tools guess Latin-1 for Vietnamese text otherwise."""
-
-    media_type = "application/json; charset=utf-8"
 
 
 class ApiError(Exception):
@@ -77,6 +75,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "no token, or a token that is not in api.token_file"},
+    403: {"model": ErrorOut, "description": "the token is not for this school, or lacks the right (read, write)"},
     422: {"model": ErrorOut, "description": "a parameter or the body is not valid (e.g. a date not YYYY-MM-DD)"},
     503: {"model": ErrorOut, "description": "no token file configured, or the database is unreachable"},
 }
@@ -102,13 +101,15 @@ def _encode_cursor(ts: str, event_id: str) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[str, str]:
+    """A cursor made by :func:`_encode_cursor`; anything else (too long, nested a thousand deep) is a 400."""
     try:
-        ts, event_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if isinstance(ts, str) and isinstance(event_id, str):
-            return ts, event_id
-    except (ValueError, TypeError, binascii.Error):
+        if len(cursor) <= MAX_CURSOR:
+            ts, event_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+            if isinstance(ts, str) and isinstance(event_id, str):
+                return ts, event_id
+    except (ValueError, TypeError, binascii.Error, RecursionError):
         pass
-    raise ApiError(422, "cursor: not a cursor from this API's 'next' field")
+    raise ApiError(400, "cursor: not a cursor from this API's 'next' field; pass 'next' as it came, or no cursor")
 
 
 def _age(iso: str | None, now: datetime) -> int | None:
@@ -124,8 +125,8 @@ def _is_database_error(exc: BaseException) -> bool:
     return isinstance(exc, StoreError | sqlite3.Error) or type(exc).__module__.startswith("psycopg")
 
 
-def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> FastAPI:
-    """The API as an ASGI application (served by :mod:`appliance.hub.api.server`)."""
+def create_app(config: HubConfig, pool: ConnectionPool) -> FastAPI:
+    """The API as an ASGI application, to be served behind :class:`appliance.hub.api.door.Door`."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -139,7 +140,9 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
         summary="Attendance, people's gate history and gate status of the schools this hub serves.",
         description=(
             "Every request needs `Authorization: Bearer <token>`, a token from the file named by "
-            '`api.token_file` in hub.toml. Errors are `{"error": "..."}`. Dates are YYYY-MM-DD; '
+            "`api.token_file` in hub.toml; its line there names the schools it may see and its rights "
+            "(read; write to send leave requests; approve for them to count as approved). "
+            'Errors are `{"error": "..."}`. Dates are YYYY-MM-DD; '
             "times are ISO 8601 with the gate's offset. JSON is UTF-8."
         ),
         openapi_url="/v1/openapi.json",
@@ -147,6 +150,7 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
         redoc_url=None,
         default_response_class=UTF8JSON,
         lifespan=lifespan,
+        max_body_size=config.api.max_body_bytes,  # a chunked body is counted as it comes, and refused past it
     )
     bearer = HTTPBearer(auto_error=False, description="a token from api.token_file")
 
@@ -154,8 +158,14 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
     async def _api_error(_: Request, exc: ApiError) -> UTF8JSON:
         return _error(exc.status, exc.message, exc.headers)
 
+    @app.exception_handler(OutOfScope)
+    async def _out_of_scope(_: Request, exc: OutOfScope) -> UTF8JSON:
+        return _error(403, str(exc))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> UTF8JSON:
+        if exc.status_code == 413:  # the rest of the body is not read: close rather than wait for it
+            return _error(413, body_too_large(config.api.max_body_bytes), {"Connection": "close"})
         message = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed here"}
         return _error(exc.status_code, message.get(exc.status_code, str(exc.detail)), dict(exc.headers or {}))
 
@@ -171,23 +181,18 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
         # A bug: the answer is JSON like the rest; uvicorn logs the traceback after it.
         return _error(500, "internal error; the hub's log has the details")
 
-    async def caller(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Caller:
-        """Token check before anything else: 503 while no token is configured, 401 for a missing or wrong one."""
-        try:
-            tokens.tokens()
-        except NoTokens as exc:
-            raise ApiError(503, str(exc)) from None
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise ApiError(401, "send 'Authorization: Bearer <token>'", {"WWW-Authenticate": REALM})
-        who = tokens.check(credentials.credentials)
-        if who is None:
-            raise ApiError(401, "the token is not valid", {"WWW-Authenticate": f'{REALM}, error="invalid_token"'})
+    async def caller(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Caller:
+        """The caller the door checked (``Security`` is here for the OpenAPI document's security scheme)."""
+        who = request.scope.get(CALLER)
+        if not isinstance(who, Caller):
+            raise ApiError(401, "send 'Authorization: Bearer <token>'")
         return who
 
     def today() -> date:
         return datetime.now(config.zone).date()
 
     def known_school(conn: Connection, school: str) -> None:
+        """404 for a school the hub does not serve (asked only once the token was found to be for it)."""
         if config.hub.schools:
             if school in config.hub.schools:
                 return
@@ -227,10 +232,11 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
     def class_attendance(
         school: School,
         class_name: Annotated[str, Path(description="class name, e.g. 6A")],
-        _: Authorized,
+        who: Authorized,
         day: Day = None,
     ) -> ClassAttendance:
         """Every active student of the class: state, arrival and departure, minutes late, leave reason."""
+        school = who.school(school)
         the_day = parse_day(day, "date", today())
 
         def work(conn: Connection) -> ClassAttendance:
@@ -272,10 +278,11 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
     )
     def school_attendance(
         school: School,
-        _: Authorized,
+        who: Authorized,
         day: Day = None,
     ) -> SchoolAttendance:
         """Counts per class and for the school, and the staff's clock-in and clock-out."""
+        school = who.school(school)
         the_day = parse_day(day, "date", today())
 
         def work(conn: Connection) -> SchoolAttendance:
@@ -294,7 +301,7 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
     def person_events(
         school: School,
         person: Annotated[str, Path(description="person id on the school's roster")],
-        _: Authorized,
+        who: Authorized,
         day_from: Annotated[str | None, Query(alias="from", description="first day, YYYY-MM-DD")] = None,
         day_to: Annotated[str | None, Query(alias="to", description="last day, YYYY-MM-DD")] = None,
         kind: Annotated[EventKind | None, Query(description="only events of this kind")] = None,
@@ -302,6 +309,7 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
         cursor: Annotated[str | None, Query(description="the previous page's 'next'")] = None,
     ) -> PersonEvents:
         """The person's events, oldest first, a page at a time: time, kind, method, gate (no card numbers)."""
+        school = who.school(school)
         first = parse_day(day_from, "from", date.min) if day_from else None
         last = parse_day(day_to, "to", date.max) if day_to else None
         if first and last and last < first:
@@ -367,15 +375,24 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
 
     @app.get("/v1/gates", response_model=Gates, responses={**ERRORS, **NOT_FOUND}, summary="Gates", tags=["gates"])
     def gates(
-        _: Authorized,
+        who: Authorized,
         school: Annotated[str | None, Query(description="only this school's gates")] = None,
     ) -> Gates:
-        """Each gate: online, last status, backlog on the gate, and what the hub holds of its seq numbers."""
-        return with_conn(lambda conn: Gates(gates=gate_list(conn, school)))
+        """The gates of the token's schools: online, last status, backlog on the gate, what the hub holds of them."""
+        where, params = in_scope(who, school)
+        return with_conn(lambda conn: Gates(gates=gate_list(conn, school, where, params)))
 
-    def gate_list(conn: Connection, school: str | None) -> list[GateOut]:
+    def in_scope(who: Caller, school: str | None) -> tuple[str, list[Any]]:
+        """The WHERE clause that keeps a listing to the token's schools (and to ``school`` when one is asked for)."""
+        if school is not None:
+            return "WHERE school = ?", [who.school(school)]
+        if who.schools is None:
+            return "", []
+        names = sorted(who.schools)
+        return f"WHERE school IN ({', '.join('?' * len(names))})", list(names)
+
+    def gate_list(conn: Connection, school: str | None, where: str, params: list[Any]) -> list[GateOut]:
         now = datetime.now(UTC)
-        where, params = ("WHERE school = ?", [school]) if school else ("", [])
         if school:
             known_school(conn, school)
         devices = {
@@ -391,8 +408,8 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
             missing = 0
             if highest > contiguous:
                 held = conn.one(
-                    "SELECT COUNT(*) FROM events WHERE device = ? AND journal = ? AND seq > ?",
-                    [device, journal, contiguous],
+                    "SELECT COUNT(*) FROM events WHERE school = ? AND device = ? AND journal = ? AND seq > ?",
+                    [where_school, device, journal, contiguous],
                 )
                 missing = highest - contiguous - (held[0] if held else 0)
             schools.setdefault(device, where_school)
@@ -447,11 +464,12 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
         return out
 
     @app.get("/v1/health", response_model=Health, responses=ERRORS, summary="Health", tags=["hub"])
-    def health(_: Authorized) -> Health:
-        """The hub answers and its database is readable; how many gates are online and how many have gaps."""
+    def health(who: Authorized) -> Health:
+        """The hub answers and its database is readable; the token's schools' gates: how many, online, with gaps."""
+        where, params = in_scope(who, None)
 
         def work(conn: Connection) -> Health:
-            listed = gate_list(conn, None)
+            listed = gate_list(conn, None, where, params)
             return Health(
                 status="ok",
                 version=__version__,
@@ -478,23 +496,40 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
     def post_leave(body: LeaveIn, school: School, who: Authorized) -> UTF8JSON:
         """Store a leave request (đơn xin nghỉ); approved ones make the days 'absent with permission'.
 
+        Needs the write right. Without the approve right a request is stored pending (it excuses no one until
+        the office approves it), asking for approval is refused and an approved request cannot be changed:
+        otherwise any integration could excuse any child, which also silences the absence notice to the parents.
         The same person and days again update the request (200) instead of adding another (201).
         """
+        school = who.school(school)
+        who.need("write")
+        approving = who.may("approve")
+        if body.approved and not approving:
+            try:
+                who.need("approve")
+            except OutOfScope as exc:
+                raise OutOfScope(f"approved: {exc}; leave 'approved' out to send the request pending") from None
+        approved = approving if body.approved is None else body.approved
         first = parse_day(body.day_from, "day_from", date.min)
         last = parse_day(body.day_to, "day_to", date.min) if body.day_to else first
+        ident = request_id(school, body.person, first, last)
 
         def work(conn: Connection) -> UTF8JSON:
             known_school(conn, school)
             if conn.one("SELECT 1 FROM people WHERE school = ? AND id = ?", [school, body.person]) is None:
                 raise ApiError(404, f"no person {body.person!r} on the roster of {school}")
-            existed = (
-                conn.one("SELECT 1 FROM leave_requests WHERE id = ?", [request_id(school, body.person, first, last)])
-                is not None
-            )
-            try:
-                ident = add_leave(conn, school, body.person, first, last, body.reason, body.approved, who.source)
-            except LeaveError as exc:
-                raise ApiError(422, str(exc)) from None
+            with conn.transaction():  # the approval seen is the one replaced: another request cannot slip between
+                lock = " FOR UPDATE" if conn.dialect == "postgresql" else ""
+                before = conn.one(f"SELECT approved FROM leave_requests WHERE id = ?{lock}", [ident])
+                if before is not None and before[0] and not approving:
+                    raise OutOfScope(
+                        "this leave request is approved already; only a token with the 'approve' right may change it"
+                    )
+                try:
+                    add_leave(conn, school, body.person, first, last, body.reason, approved, who.source)
+                except LeaveError as exc:
+                    raise ApiError(422, str(exc)) from None
+            existed = before is not None
             stored = conn.one("SELECT reason FROM leave_requests WHERE id = ?", [ident])
             log.info(
                 "hub API: leave request %s %s for %s (caller %s)",
@@ -510,7 +545,7 @@ def create_app(config: HubConfig, pool: ConnectionPool, tokens: TokenFile) -> Fa
                 day_from=first.isoformat(),
                 day_to=last.isoformat(),
                 reason=stored[0] if stored else body.reason,
-                approved=body.approved,
+                approved=approved,
                 created=not existed,
             )
             return UTF8JSON(out.model_dump(), status_code=200 if existed else 201)

@@ -6,6 +6,7 @@ Every field an integration may rely on is here, with its meaning; nothing else l
 
 from __future__ import annotations
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 STATUS_HELP = (
@@ -13,6 +14,12 @@ STATUS_HELP = (
     "absent_unexcused (no arrival after the cut-off), pending (no arrival yet, before the cut-off), "
     "no_school (not a school day)"
 )
+
+
+class UTF8JSON(JSONResponse):
+    """JSON with its charset spelled out: some office tools guess Latin-1 for Vietnamese text otherwise."""
+
+    media_type = "application/json; charset=utf-8"
 
 
 class ErrorOut(BaseModel):
@@ -136,7 +143,7 @@ class Health(BaseModel):
 
 
 class LeaveIn(BaseModel):
-    """An approved (or not yet approved) leave request for one student or staff member."""
+    """A leave request for one student or staff member, approved or pending (waiting for the office)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -144,7 +151,11 @@ class LeaveIn(BaseModel):
     day_from: str = Field(description="first day, YYYY-MM-DD")
     day_to: str | None = Field(None, description="last day, YYYY-MM-DD (default: the first day)")
     reason: str | None = Field(None, max_length=500)
-    approved: bool = Field(True, description="only approved requests make an absence 'with permission'")
+    approved: bool | None = Field(
+        None,
+        description="only approved requests make an absence 'with permission'; true needs a token with the approve "
+        "right; left out: approved if the token has that right, else pending",
+    )
 
 
 class LeaveOut(BaseModel):
@@ -154,5 +165,5 @@ class LeaveOut(BaseModel):
     day_from: str
     day_to: str
     reason: str | None
-    approved: bool
+    approved: bool = Field(description="false: pending, it excuses no one until approved")
     created: bool = Field(description="false when an existing request was updated")

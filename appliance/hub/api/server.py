@@ -22,6 +22,7 @@ import uvicorn
 from appliance.config import HubConfig
 from appliance.hub.api.app import create_app
 from appliance.hub.api.auth import NoTokens, TokenFile
+from appliance.hub.api.door import Door
 from appliance.hub.api.pool import ConnectionPool
 from appliance.hub.store import Store
 
@@ -58,9 +59,10 @@ class ApiServer:
         uvicorn_log = logging.getLogger("uvicorn.error")
         if uvicorn_log.level == logging.NOTSET:
             uvicorn_log.setLevel(logging.WARNING)  # its start/stop chatter; ours says where it listens
-        self.tokens = TokenFile(config.api.token_file)
+        self.tokens = TokenFile(config.api.token_file, config.hub.schools)
         self.pool = ConnectionPool(store, config.api.workers)
-        self.app = create_app(config, self.pool, self.tokens)
+        app = create_app(config, self.pool)
+        self.app = Door(app, self.tokens, config.api.max_body_bytes, frozenset({app.openapi_url or ""}))
         self.last_error: str | None = None
         self.address: tuple[str, int] | None = None
         self._server: uvicorn.Server | None = None

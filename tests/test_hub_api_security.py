@@ -1,0 +1,370 @@
+"""The hub API's doors (issue 9): scoped tokens, input bounded before it is read, connections capped and cut.
+
+The real server on a real port (in this process, or `edugate hub run` as a child with few open files),
+spoken to over real HTTP, and over raw sockets where a client must misbehave.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hub_support import gate_event, payload, register_gate
+from test_hub_api import (
+    MONDAY,
+    SCHOOL,
+    Client,
+    add_people,
+    error_of,
+    free_port,
+    ingest,
+    monday_events,
+    register_gates,
+    ts,
+)
+
+from appliance.config import DatabaseConfig, HubConfig, parse_hub_config
+from appliance.hub.api import ApiServer, api_server
+from appliance.hub.store import Connection, Store
+
+OTHER = "thcs-b"
+READER = "rd-" + "0a1b2c3d" * 5  # school A, read only
+WRITER = "wr-" + "1b2c3d4e" * 5  # school A, read and write
+APPROVER = "ap-" + "2c3d4e5f" * 5  # school A, read, write and approve
+DISTRICT = "di-" + "3d4e5f60" * 5  # every school, read only
+OLD_STYLE = "old-" + "4e5f6071" * 5  # a line from before scopes
+LONG = 120.0  # seconds: what "never" looks like to a test on a busy machine
+
+
+def token_lines() -> str:
+    return (
+        "# the hub's API tokens\n"
+        f"{READER} schools={SCHOOL} rights=read   # office dashboard\n"
+        f"{WRITER} schools={SCHOOL} rights=read,write\n"
+        f"{APPROVER} schools={SCHOOL} rights=read,write,approve\n"
+        f"{DISTRICT} schools=* rights=read\n"
+        f"{OLD_STYLE}\n"
+    )
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> Path:
+    path = tmp_path / "api.tokens"
+    path.write_text(token_lines(), encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def config_for(store: Store, token_file: Path | None, **api: Any) -> HubConfig:
+    """A hub of two schools, its API on a free loopback port."""
+    return parse_hub_config(
+        {
+            "hub": {"id": "hub-sec", "schools": [SCHOOL, OTHER]},
+            "database": {"url": store.url},
+            "attendance": {"school_days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]},
+            "api": {
+                "listen": "127.0.0.1",
+                "port": free_port(),
+                "workers": 4,
+                **({"token_file": str(token_file)} if token_file else {}),
+                **api,
+            },
+        }
+    )
+
+
+def add_other_school(conn: Connection, folder: Path) -> None:
+    """School B: one student, one gate, one arrival."""
+    now = datetime.now(UTC).isoformat()
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO people(school, id, full_name, role, class_name, active, cards, parent_phones, "
+            "parent_emails, updated_at) VALUES (?, 'B001', 'Vũ Thị Hoa', 'student', '7C', 1, '[]', '[]', '[]', ?)",
+            [OTHER, now],
+        )
+    register_gate(conn, OTHER, "gate-b1", folder / "gate-b1.key")
+    arrival = gate_event("gate-b1", 1, kind="arrival", person="B001", role="student", ts=ts(MONDAY, "07:00"))
+    ingest(conn, (f"edugate/{OTHER}/gate-b1/events", payload(arrival)))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    created = Store(DatabaseConfig(url=f"sqlite:///{tmp_path / 'hub.db'}"))
+    created.migrate()
+    return created
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Store, HubConfig], ApiServer]]:
+    """Start the API as the hub does; stopped after the test."""
+    started: list[ApiServer] = []
+
+    def start(store: Store, config: HubConfig) -> ApiServer:
+        server = api_server(store, config)
+        server.start()
+        started.append(server)
+        assert server.url is not None, server.last_error
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def two_schools(store: Store, tmp_path: Path) -> Store:
+    conn = store.connect()
+    add_people(conn)
+    register_gates(conn, tmp_path)
+    monday_events(conn)
+    add_other_school(conn, tmp_path)
+    conn.close()
+    return store
+
+
+# ------------------------------------------------------------------------------------------------ raw HTTP
+
+
+def connect(port: int, source: str = "127.0.0.1", timeout: float = LONG) -> socket.socket:
+    """A TCP connection to the API from ``source`` (any 127.x address is this machine: another client)."""
+    sock = socket.socket()
+    sock.settimeout(timeout)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def answer_of(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of the answer waiting on ``sock``."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    body = response.read()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes ``sock`` within ``within`` seconds (reading whatever it sent first)."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def request_bytes(method: str, path: str, token: str | None, headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: hub"]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = LONG, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------------ scopes
+
+
+def test_token_lines_carry_scopes_and_a_bare_token_is_refused_with_how_to_fix_it(
+    two_schools: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer], caplog: Any
+) -> None:
+    server = serve(two_schools, config_for(two_schools, tokens))
+    assert Client(server, token=READER).get("/v1/health").status_code == 200
+
+    old = Client(server, token=OLD_STYLE).get("/v1/health")
+    assert old.status_code == 401 and 'error="invalid_token"' in old.headers["WWW-Authenticate"]
+    assert "line 6" in error_of(old) and "schools=" in error_of(old) and "rights=" in error_of(old)
+    wrong = Client(server, token=READER[:-1] + "x").get("/v1/health")
+    assert wrong.status_code == 401 and error_of(wrong) == "the token is not valid"  # nothing about any line
+    warned = [r.getMessage() for r in caplog.records if "line 6 is not used" in r.getMessage()]
+    assert warned and "no scopes" in warned[0] and "schools=" in warned[0]
+
+    tokens.write_text(
+        token_lines().replace(f"{OLD_STYLE}\n", f"{OLD_STYLE} schools={OTHER} rights=read\n")
+        + "0123456789abcdef0123 schools=thcs-a rights=read,delete\n"
+        + "0123456789abcdef0124 rights=read\n"
+        + "0123456789abcdef0125 schools=thcs-zz rights=read\n"
+    )
+    assert Client(server, token=OLD_STYLE).get(f"/v1/schools/{OTHER}/attendance").status_code == 200  # no restart
+    assert Client(server, token=OLD_STYLE).get(f"/v1/schools/{SCHOOL}/attendance").status_code == 403
+    assert Client(server, token="0123456789abcdef0123").get("/v1/health").status_code == 401
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "line 7 is not used: rights= takes read, write, approve, not 'read,delete'" in logged
+    assert "line 8 is not used: no schools=" in logged
+    assert "line 9: school(s) thcs-zz not in hub.schools" in logged
+    for secret in (READER, WRITER, APPROVER, DISTRICT, OLD_STYLE, "0123456789abcdef012"):
+        assert secret not in logged
+
+
+def test_a_token_sees_only_its_schools_in_every_listing(
+    two_schools: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
+) -> None:
+    server = serve(two_schools, config_for(two_schools, tokens))
+    school_a, district = Client(server, token=READER), Client(server, token=DISTRICT)
+
+    for path in (
+        f"/v1/schools/{OTHER}/classes/7C/attendance",
+        f"/v1/schools/{OTHER}/attendance",
+        f"/v1/schools/{OTHER}/people/B001/events",
+        f"/v1/schools/{OTHER}/classes/7C/attendance?date=not-a-date",  # refused before anything is looked at
+        "/v1/schools/thcs-nowhere/attendance",  # whether it exists or not
+    ):
+        refused = school_a.get(path)
+        assert refused.status_code == 403, (path, refused.text)
+        assert "not for school" in error_of(refused) and SCHOOL in error_of(refused), path
+        assert "Vũ Thị Hoa".encode() not in refused.content and "B001" not in refused.text
+    assert school_a.get("/v1/gates", school=OTHER).status_code == 403
+
+    gates = school_a.get("/v1/gates").json()["gates"]
+    assert sorted(g["gate"] for g in gates) == ["gate-01"] and {g["school"] for g in gates} == {SCHOOL}
+    assert school_a.get("/v1/health").json()["gates"]["total"] == 1
+    assert school_a.get(f"/v1/schools/{SCHOOL}/classes/6A/attendance", date="2024-10-21").status_code == 200
+
+    everyone = district.get("/v1/gates").json()["gates"]
+    assert sorted(g["gate"] for g in everyone) == ["gate-01", "gate-b1"]
+    assert district.get("/v1/health").json()["gates"]["total"] == 2
+    visit = district.get(f"/v1/schools/{OTHER}/classes/7C/attendance", date="2024-10-21").json()
+    assert [(s["person"], s["status"]) for s in visit["students"]] == [("B001", "present")]
+    assert district.get("/v1/schools/thcs-nowhere/attendance").status_code == 404  # its scope is every school
+
+
+def test_leave_requests_need_write_and_stay_pending_without_approve(
+    two_schools: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
+) -> None:
+    server = serve(two_schools, config_for(two_schools, tokens))
+    path = f"/v1/schools/{SCHOOL}/leave-requests"
+    attendance = f"/v1/schools/{SCHOOL}/classes/6A/attendance"
+    leave = {"person": "HS003", "day_from": "2024-10-21", "reason": "Ốm"}
+
+    def status_of_hs003() -> str:
+        students = Client(server, token=READER).get(attendance, date="2024-10-21").json()["students"]
+        return str(next(s["status"] for s in students if s["person"] == "HS003"))
+
+    read_only = Client(server, token=READER).post(path, leave)
+    assert read_only.status_code == 403 and "lacks the 'write' right" in error_of(read_only)
+    assert Client(server, token=DISTRICT).post(path, leave).status_code == 403
+    elsewhere = Client(server, token=WRITER).post(f"/v1/schools/{OTHER}/leave-requests", {**leave, "person": "B001"})
+    assert elsewhere.status_code == 403 and "not for school" in error_of(elsewhere)
+
+    pending = Client(server, token=WRITER).post(path, leave)
+    assert pending.status_code == 201 and pending.json()["approved"] is False, pending.text
+    assert status_of_hs003() == "absent_unexcused"  # a pending request excuses no one (the parents are told)
+    asking = Client(server, token=WRITER).post(path, {**leave, "approved": True})
+    assert asking.status_code == 403 and "'approve' right" in error_of(asking)
+    assert status_of_hs003() == "absent_unexcused"
+
+    approved = Client(server, token=APPROVER).post(path, leave)
+    assert approved.status_code == 200 and approved.json()["approved"] is True, approved.text
+    assert status_of_hs003() == "absent_permitted"
+    overwrite = Client(server, token=WRITER).post(path, {**leave, "approved": False, "reason": "nhầm"})
+    assert overwrite.status_code == 403 and "approved already" in error_of(overwrite)
+    assert status_of_hs003() == "absent_permitted"
+
+    conn = two_schools.connect()
+    rows = conn.all("SELECT school, approved, source, reason FROM leave_requests")
+    conn.close()
+    assert rows == [(SCHOOL, 1, "api:" + hashlib.sha256(APPROVER.encode()).hexdigest()[:8], "Ốm")]
+
+
+# ------------------------------------------------------------------------------------------------ bodies
+
+
+def test_a_body_without_a_token_is_refused_before_it_is_read(
+    two_schools: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
+) -> None:
+    server = serve(two_schools, config_for(two_schools, tokens))
+    port = server.config.api.port
+    path = f"/v1/schools/{SCHOOL}/leave-requests"
+    for headers in ({"Content-Length": str(200 * 1024 * 1024)}, {"Transfer-Encoding": "chunked"}):
+        sock = connect(port)
+        sock.sendall(request_bytes("POST", path, None, {"Content-Type": "application/json", **headers}))
+        part = b"x" * 65536 if "Content-Length" in headers else chunk(b"x" * 65536)
+        for _ in range(4):  # a little of the body, never all of it: the answer must not wait for the rest
+            sock.sendall(part)
+        status, got, body = answer_of(sock)
+        assert status == 401 and got["connection"] == "close", (headers, body)
+        assert "Bearer" in json.loads(body)["error"]
+        assert closed_by_server(sock, LONG)
+        sock.close()
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(
+    two_schools: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
+) -> None:
+    server = serve(two_schools, config_for(two_schools, tokens, max_body_bytes=4096))
+    port = server.config.api.port
+    path = f"/v1/schools/{SCHOOL}/leave-requests"
+
+    sock = connect(port)
+    sock.sendall(
+        request_bytes("POST", path, WRITER, {"Content-Type": "application/json", "Content-Length": "300000000"})
+    )
+    status, got, body = answer_of(sock)  # declared too large: answered before a byte of the body is sent
+    assert status == 413 and got["connection"] == "close" and "api.max_body_bytes" in json.loads(body)["error"]
+    sock.close()
+
+    sock = connect(port)
+    sock.sendall(
+        request_bytes("POST", path, WRITER, {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    )
+    start = b'{"person": "HS003", "reason": "'
+    sock.sendall(chunk(start))
+    sent = len(start)
+    sock.setblocking(False)
+    answered = b""
+    while not answered and sent < 64 * 1024 * 1024:  # a chunked body: counted as it comes
+        try:
+            sock.sendall(chunk(b"a" * 1024))
+            sent += 1024
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            time.sleep(0.01)
+        try:
+            answered = sock.recv(65536, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        except ConnectionResetError:
+            break
+    assert answered.startswith(b"HTTP/1.1 413 "), answered[:200]
+    assert sent < 1024 * 1024, sent  # refused after about max_body_bytes, not after the whole body
+    sock.close()
+
+    small = Client(server, token=WRITER).post(path, {"person": "HS003", "day_from": "2024-10-21", "reason": "Ốm"})
+    assert small.status_code == 201  # a real leave request is far below the limit
+    assert Client(server, token=WRITER).get("/v1/health").status_code == 200
+
+
+def test_a_deeply_nested_cursor_is_a_400(
+    two_schools: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
+) -> None:
+    server = serve(two_schools, config_for(two_schools, tokens))
+    path = f"/v1/schools/{SCHOOL}/people/HS001/events"
+    nested = base64.urlsafe_b64encode(b"[" * 9000 + b"]" * 9000).decode().rstrip("=")
+    short = base64.urlsafe_b64encode(b"[" * 150 + b"]" * 150).decode().rstrip("=")
+    for cursor in (nested, short, "not-a-cursor"):
+        answer = Client(server, token=READER).get(path, cursor=cursor)
+        assert answer.status_code == 400 and error_of(answer).startswith("cursor: not a cursor"), answer.text
+    first = Client(server, token=READER).get(path, limit=1).json()
+    assert Client(server, token=READER).get(path, limit=1, cursor=first["next"]).status_code == 200
