@@ -296,10 +296,10 @@ def _hold(conn: Connection, gate: Gate | None, school: str, device: str, templat
     new = fingerprint(template_key, signing_key)
     if gate is not None and gate.registered:
         log.error(
-            "hub: gate %s presents a NEW KEY (fingerprint %s, registered %s): nothing is sealed to it and the gate's "
-            "status is refused until IT approves. If the gate's key file was replaced, check that `edugate identity` on the gate "
-            "shows %s, then `edugate hub gates approve %s --fingerprint %s`; if not, someone else is using its login: "
-            "revoke it (scripts/provision-gate --revoke %s)",
+            "hub: gate %s presents a NEW KEY (fingerprint %s, registered %s): nothing is sealed to it and the "
+            "gate's status is refused until IT approves. If the gate's key file was replaced, check that "
+            "`edugate identity` on the gate shows %s, then `edugate hub gates approve %s --fingerprint %s`; "
+            "if not, someone else is using its login: revoke it (scripts/provision-gate --revoke %s)",
             device,
             new,
             gate.fingerprint,
