@@ -10,7 +10,11 @@ import base64
 import hashlib
 import http.client
 import json
+import os
+import resource
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hub_support import gate_event, payload, register_gate
+from hub_support import REPO, gate_event, payload, register_gate, write_hub_config
 from test_hub_api import (
     MONDAY,
     SCHOOL,
@@ -368,3 +372,168 @@ def test_a_deeply_nested_cursor_is_a_400(
         assert answer.status_code == 400 and error_of(answer).startswith("cursor: not a cursor"), answer.text
     first = Client(server, token=READER).get(path, limit=1).json()
     assert Client(server, token=READER).get(path, limit=1, cursor=first["next"]).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ connections
+
+
+def test_a_connection_that_never_finishes_its_request_is_cut(
+    two_schools: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
+) -> None:
+    server = serve(two_schools, config_for(two_schools, tokens, request_timeout=2))
+    port = server.config.api.port
+    silent = connect(port)
+    dripping = connect(port)
+    dripping.sendall(b"GET /v1/health HTTP/1.1\r\nHost: hub\r\nX-Slow: ")
+    started = time.monotonic()
+    while time.monotonic() - started < LONG:
+        try:
+            dripping.sendall(b"a")  # a byte now and then: uvicorn's keep-alive timer starts again at each
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        if closed_by_server(dripping, 0.5):
+            break
+    assert time.monotonic() - started < LONG, "a header sent a byte at a time held its connection"
+    assert closed_by_server(silent, LONG)
+
+    slow_body = connect(port)
+    slow_body.sendall(
+        request_bytes("POST", f"/v1/schools/{SCHOOL}/leave-requests", WRITER, {"Content-Length": "100"}) + b"{"
+    )
+    assert closed_by_server_peek(slow_body)  # cut, not answered: the rest of the body never came
+    assert Client(server, token=READER).get("/v1/health").status_code == 200
+    for sock in (silent, dripping, slow_body):
+        sock.close()
+
+
+def closed_by_server_peek(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` without answering (waits up to LONG)."""
+    sock.settimeout(LONG)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (ConnectionResetError, TimeoutError):
+        return True
+
+
+def test_at_the_cap_the_client_holding_most_connections_makes_room(
+    two_schools: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
+) -> None:
+    server = serve(two_schools, config_for(two_schools, tokens, max_connections=8, request_timeout=LONG))
+    port = server.config.api.port
+    office = connect(port, "127.0.0.2")  # a keep-alive connection of another client, idle between requests
+    office.sendall(request_bytes("GET", "/v1/health", READER))
+    assert answer_of(office)[0] == 200
+    flood = [connect(port) for _ in range(12)]  # one client holding more than the cap, sending nothing
+    wait_for(lambda: sum(closed_by_server(s, 0.05) for s in flood) >= 5, what="the flood's oldest to be closed")
+    late = connect(port, "127.0.0.3")
+    late.sendall(request_bytes("GET", "/v1/health", READER))
+    assert answer_of(late)[0] == 200
+    office.sendall(request_bytes("GET", "/v1/gates", READER))  # still open: the flood made room, not the office
+    assert answer_of(office)[0] == 200
+    for sock in [office, late, *flood]:
+        sock.close()
+
+
+# ------------------------------------------------------------------------------------------------ the hub process
+
+
+class LimitedHub:
+    """`edugate hub run` as a child that may open only ``files`` files, its log in a file."""
+
+    def __init__(self, folder: Path, store: Store, files: int, **api: Any) -> None:
+        self.port = free_port()
+        tokens = folder / "api.tokens"
+        tokens.write_text(token_lines())
+        tokens.chmod(0o600)
+        self.config = write_hub_config(
+            folder / "hub.toml",
+            {
+                "hub": {"id": "hub-limited", "schools": [SCHOOL, OTHER]},
+                "database": {"url": store.url},
+                "mqtt": {"host": "127.0.0.1", "port": free_port(), "tls": False},
+                "signing": {"key_file": str(folder / "absent.key")},
+                "api": {"port": self.port, "token_file": str(tokens), **api},
+            },
+        )
+        self.log = folder / "hub.log"
+        self.files = files
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LimitedHub:
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.files, self.files))
+
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "appliance.cli", "hub", "run", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=limit,
+            )
+        wait_for(lambda: b"hub API: listening" in self.log.read_bytes() or self.proc.poll() is not None)  # type: ignore[union-attr]
+        assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def get(self, path: str, source: str = "127.0.0.2") -> int:
+        sock = connect(self.port, source)
+        sock.sendall(request_bytes("GET", path, READER))
+        try:
+            return answer_of(sock)[0]
+        finally:
+            sock.close()
+
+
+@pytest.fixture
+def idle_sockets() -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()
+
+
+def open_idle(port: int, count: int, into: list[socket.socket]) -> None:
+    """``count`` connections that will never send a byte (connect without waiting: the backlog fills)."""
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        into.append(sock)
+
+
+def test_a_thousand_idle_sockets_do_not_silence_the_api_or_flood_its_log(
+    store: Store, tmp_path: Path, idle_sockets: list[socket.socket]
+) -> None:
+    with LimitedHub(tmp_path, store, files=400, max_connections=64, request_timeout=LONG) as hub:
+        assert hub.get("/v1/health") == 200
+        open_idle(hub.port, 1010, idle_sockets)
+        assert hub.get("/v1/health") == 200  # long before any idle one times out: the cap made room
+        size = hub.log.stat().st_size
+        text = hub.log.read_text()
+    assert size < 20_000 and "Traceback" not in text, text[-3000:]
+    assert "Too many open files" not in text and text.count("api.max_connections (64) reached") <= 2
+
+
+def test_out_of_files_the_log_stays_bounded_and_the_api_answers_once_idle_ones_are_cut(
+    store: Store, tmp_path: Path, idle_sockets: list[socket.socket]
+) -> None:
+    with LimitedHub(tmp_path, store, files=128, max_connections=512, request_timeout=3) as hub:
+        assert hub.get("/v1/health") == 200  # its database connection is open before the files run out
+        opened = hub.log.read_text()
+        assert "the hub may open 128 files, too few for api.max_connections (512)" in opened
+        assert "raise LimitNOFILE to 704" in opened
+        open_idle(hub.port, 400, idle_sockets)
+        wait_for(lambda: "cannot accept connections" in hub.log.read_text(), what="the hub to run out of files")
+        assert hub.get("/v1/health") == 200  # once the idle ones are cut
+        text = hub.log.read_text()
+    assert len(text) < 20_000 and "Traceback" not in text, text[-3000:]
+    assert 1 <= text.count("cannot accept connections") <= 3
+
+
+# ------------------------------------------------------------------------------------------------ configuration

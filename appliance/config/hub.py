@@ -321,6 +321,11 @@ class ReportConfig(Section):
         return parse_hhmm(value)
 
 
+# The hub's MQTT client (paho) watches its socket with select(), which cannot take a file descriptor above
+# 1023: the API's connections plus the rest of the hub must stay under that.
+MAX_API_CONNECTIONS = 768
+
+
 class ApiConfig(Section):
     """The hub's HTTP API for the school office and integrations (appliance/hub/api/, docs/security/api.md)."""
 
@@ -340,6 +345,20 @@ class ApiConfig(Section):
     tls_key_file: Path | None = Field(None, description="the certificate's private key (PEM)")
     max_body_bytes: int = Field(
         65536, ge=1024, le=16 * 1024 * 1024, description="largest request body; a larger one is refused (413) unread"
+    )
+    max_connections: int = Field(
+        256,
+        ge=8,
+        le=MAX_API_CONNECTIONS,
+        description="connections open at once; at the limit the idle connection of the address holding the most "
+        "is closed, or the new one if every connection is busy",
+    )
+    request_timeout: float = Field(
+        15.0,
+        ge=1,
+        le=600,
+        description="seconds a client has to send a whole request (its TLS handshake, headers and body) after "
+        "connecting or after its previous answer; a slower connection is closed",
     )
 
     @model_validator(mode="after")

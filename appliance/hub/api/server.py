@@ -5,6 +5,12 @@ certificate that cannot be read) is one clear log line instead of an exiting thr
 hub's core work (ingest, notifications) goes on: the API tries again every ``retry_every``
 seconds until it can listen. uvicorn is told not to touch logging or signals (the hub owns both)
 and not to write access logs (URLs carry person ids; tokens are never logged anywhere).
+
+What clients can make the server hold is bounded (docs/security/api.md): the door checks the token
+before a body is read (:mod:`~appliance.hub.api.door`), bodies stop at ``api.max_body_bytes``,
+headers at 16 KB, connections at ``api.max_connections``, each with ``api.request_timeout`` to send
+its request (:mod:`~appliance.hub.api.connections`), and the log at a line a minute per kind of
+repeat (:mod:`~appliance.hub.api.logbound`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import uvicorn
 from appliance.config import HubConfig
 from appliance.hub.api.app import create_app
 from appliance.hub.api.auth import NoTokens, TokenFile
+from appliance.hub.api.connections import ApiLoop, ConnectionGuard, guarded_protocol
 from appliance.hub.api.door import Door
+from appliance.hub.api.logbound import LoopErrors, bound, open_file_limit
 from appliance.hub.api.pool import ConnectionPool
 from appliance.hub.store import Store
 
@@ -30,6 +38,13 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+# Connections the kernel queues before the API accepts them, and how many asyncio accepts in one go: the
+# cap acts once a connection is accepted, so a burst can hold this many files beyond api.max_connections.
+BACKLOG = 64
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers; more is a 400
+KEEP_ALIVE = 5  # seconds an idle connection stays open after an answer
+# Files the rest of the hub needs besides the API's connections: database connections, the broker, logs.
+OTHER_FILES = 128
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -41,7 +56,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(128)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -59,6 +74,7 @@ class ApiServer:
         uvicorn_log = logging.getLogger("uvicorn.error")
         if uvicorn_log.level == logging.NOTSET:
             uvicorn_log.setLevel(logging.WARNING)  # its start/stop chatter; ours says where it listens
+        bound("uvicorn.error", "asyncio")  # what clients can make them say, at most a line a minute per kind
         self.tokens = TokenFile(config.api.token_file, config.hub.schools)
         self.pool = ConnectionPool(store, config.api.workers)
         app = create_app(config, self.pool)
@@ -93,6 +109,18 @@ class ApiServer:
             self.tokens.tokens()
         except NoTokens as exc:
             log.warning("hub API: every request is refused: %s", exc)
+        limit, wanted = open_file_limit(), self.config.api.max_connections + BACKLOG + OTHER_FILES
+        if limit < wanted:
+            log.warning(
+                "hub API: the hub may open %d files, too few for api.max_connections (%d), %d being accepted and "
+                "about %d for the rest of the hub: a flood of connections would leave it without; raise LimitNOFILE "
+                "to %d or lower api.max_connections",
+                limit,
+                self.config.api.max_connections,
+                BACKLOG,
+                OTHER_FILES,
+                wanted,
+            )
 
     def stop(self) -> None:
         self._stopping.set()
@@ -107,6 +135,8 @@ class ApiServer:
 
     def _uvicorn_config(self) -> uvicorn.Config:
         api = self.config.api
+        guard = ConnectionGuard(api.max_connections, api.request_timeout)
+        errors = LoopErrors(api.max_connections)
         config = uvicorn.Config(
             self.app,
             log_config=None,
@@ -116,6 +146,12 @@ class ApiServer:
             timeout_graceful_shutdown=5,
             ssl_certfile=api.tls_cert_file,
             ssl_keyfile=api.tls_key_file,
+            http=guarded_protocol(guard),
+            # uvicorn takes a loop factory as well as a name (it passes what is not a string through)
+            loop=lambda: ApiLoop(api.request_timeout, errors),  # type: ignore[arg-type]
+            backlog=BACKLOG,
+            timeout_keep_alive=KEEP_ALIVE,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         )
         config.load()  # reads the certificate now: an error here is reported, not an exited thread
         return config
