@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from hub_support import REPO, gate_event, payload, register_gate, write_hub_config
 from test_hub_api import (
     MONDAY,
@@ -36,6 +37,7 @@ from test_hub_api import (
     ts,
 )
 
+from appliance.cli import main
 from appliance.config import DatabaseConfig, HubConfig, parse_hub_config
 from appliance.hub.api import ApiServer, api_server
 from appliance.hub.store import Connection, Store
@@ -537,3 +539,45 @@ def test_out_of_files_the_log_stays_bounded_and_the_api_answers_once_idle_ones_a
 
 
 # ------------------------------------------------------------------------------------------------ configuration
+
+
+def test_plain_http_beyond_loopback_is_refused_by_check_and_at_start_unless_allowed(tmp_path: Path) -> None:
+    def check(api: dict[str, Any]) -> Any:
+        path = write_hub_config(tmp_path / "hub.toml", {"mqtt": {"tls": False}, "api": api})
+        return CliRunner().invoke(main, ["hub", "check", str(path)])
+
+    refused = check({"listen": "0.0.0.0"})
+    assert refused.exit_code == 1
+    lines = refused.output.strip().splitlines()
+    assert len(lines) == 1 and "api: listen = '0.0.0.0' without TLS" in lines[0] and "allow_plaintext" in lines[0]
+    assert check({"listen": "192.168.1.10", "enabled": False}).exit_code == 0
+    assert check({"listen": "127.0.0.5"}).exit_code == 0 and check({"listen": "::1"}).exit_code == 0
+    allowed = check({"listen": "0.0.0.0", "allow_plaintext": True})
+    assert allowed.exit_code == 0 and "warning: api.allow_plaintext" in allowed.output
+    tls = check({"listen": "::", "tls_cert_file": "/etc/edugate/api.crt", "tls_key_file": "/etc/edugate/api.key"})
+    assert tls.exit_code == 0, tls.output
+
+    config = write_hub_config(tmp_path / "hub.toml", {"mqtt": {"tls": False}, "api": {"listen": "0.0.0.0"}})
+    run = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "hub", "run", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=LONG,
+    )
+    assert run.returncode == 1 and "without TLS" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_hub_check_names_the_token_lines_the_hub_would_not_use(tmp_path: Path) -> None:
+    tokens = tmp_path / "api.tokens"
+    tokens.write_text(token_lines() + "short schools=* rights=read\n")
+    config = write_hub_config(
+        tmp_path / "hub.toml",
+        {"hub": {"schools": [SCHOOL, OTHER]}, "mqtt": {"tls": False}, "api": {"token_file": str(tokens)}},
+    )
+    result = CliRunner().invoke(main, ["hub", "check", str(config)])
+    assert result.exit_code == 0
+    warned = [line for line in result.output.splitlines() if "api.token_file" in line]
+    assert len(warned) == 2 and "line 6 is not used: it has no scopes" in warned[0]
+    assert "line 7 is not used: a token is at least 16 characters" in warned[1]
+    assert not any(secret in result.output for secret in (READER, WRITER, APPROVER, DISTRICT, OLD_STYLE))

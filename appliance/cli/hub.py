@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from appliance.cli.common import friendly_errors, setup_logging
-from appliance.config import DEFAULT_HUB_CONFIG_PATH, load_hub_config
+from appliance.config import DEFAULT_HUB_CONFIG_PATH, HubConfig, load_hub_config
 
 hub_config_option = click.option(
     "--config",
@@ -41,13 +41,49 @@ def run(ctx: click.Context, config_path: Path) -> None:
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @friendly_errors
 def check(file: Path) -> None:
-    """Validate a hub.toml without starting anything."""
+    """Validate a hub.toml without starting anything.
+
+    An API on the network without TLS is an error (unless api.allow_plaintext); the API's token file, if this
+    user may read it, is checked line by line, as the running hub would read it.
+    """
     from appliance.hub.store import Store
 
     config = load_hub_config(file)
     click.echo(f"{file}: OK (hub {config.hub.id}, database {Store(config.database).describe()})")
-    for reason in config.mqtt.guessable_names():
+    for reason in [*config.mqtt.guessable_names(), *_api_warnings(config)]:
         click.echo(f"{file}: warning: {reason}", err=True)
+
+
+def _api_warnings(config: HubConfig) -> list[str]:
+    """What is allowed but unsafe in the API's settings, and the token file's lines the hub would not use."""
+    from appliance.config.hub import is_loopback
+    from appliance.hub.api.auth import parse_tokens
+
+    api, warnings = config.api, []
+    if not api.enabled:
+        return warnings
+    if api.allow_plaintext and api.tls_cert_file is None and not is_loopback(api.listen):
+        warnings.append(
+            f"api.allow_plaintext: the API serves plain HTTP on {api.listen}: anyone on the network can read its "
+            "tokens and the children's data; use tls_cert_file and tls_key_file"
+        )
+    if api.token_file is None:  # the API is not used yet: it answers 503 with how to set it up
+        return warnings
+    try:
+        text = api.token_file.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return [
+            *warnings,
+            f"api.token_file {api.token_file}: cannot read it here ({reason}); run check as the hub's user",
+        ]
+    parsed = parse_tokens(text, config.hub.schools)
+    warnings += [f"api.token_file {api.token_file} {problem}" for problem in parsed.problems]
+    if not parsed.grants:
+        warnings.append(
+            f"api.token_file {api.token_file} holds no token the hub can use: the API refuses every request"
+        )
+    return warnings
 
 
 from appliance.cli.hub_attendance import absent, leave, report  # noqa: E402  (they use hub_config_option)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import time
 from pathlib import Path
 from typing import Any, Literal
@@ -321,6 +322,16 @@ class ReportConfig(Section):
         return parse_hhmm(value)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (127.0.0.0/8, ::1, localhost): nothing on the network can listen in."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # The hub's MQTT client (paho) watches its socket with select(), which cannot take a file descriptor above
 # 1023: the API's connections plus the rest of the hub must stay under that.
 MAX_API_CONNECTIONS = 768
@@ -343,6 +354,11 @@ class ApiConfig(Section):
     workers: int = Field(8, ge=1, le=64, description="requests answered at once, each with its own database connection")
     tls_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate chain (PEM)")
     tls_key_file: Path | None = Field(None, description="the certificate's private key (PEM)")
+    allow_plaintext: bool = Field(
+        False,
+        description="DANGEROUS: serve plain HTTP on an address other than loopback; tokens and children's data "
+        "then cross the network readable by anyone on it",
+    )
     max_body_bytes: int = Field(
         65536, ge=1024, le=16 * 1024 * 1024, description="largest request body; a larger one is refused (413) unread"
     )
@@ -365,6 +381,16 @@ class ApiConfig(Section):
     def _tls_pair(self) -> ApiConfig:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+    @model_validator(mode="after")
+    def _no_plaintext_on_the_network(self) -> ApiConfig:
+        if self.enabled and self.tls_cert_file is None and not is_loopback(self.listen) and not self.allow_plaintext:
+            raise ValueError(
+                f"listen = {self.listen!r} without TLS would send tokens and children's data in plaintext over the "
+                "network; set tls_cert_file and tls_key_file, or listen on 127.0.0.1 behind a TLS proxy, "
+                "or (dangerous) set allow_plaintext = true"
+            )
         return self
 
 
