@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hub_support import gate_event, payload, write_hub_config
+from hub_support import RegisteredGate, gate_event, payload, register_gate, write_hub_config
 
 from appliance.cli import main as cli_main
 from appliance.config import parse_hub_config
@@ -30,6 +30,14 @@ def incoming(data: dict[str, Any] | bytes, topic: str = TOPIC, acks: list[str] |
     raw = data if isinstance(data, bytes) else payload(data)
     name = data["id"] if isinstance(data, dict) and "id" in data else "raw"
     return Incoming(topic, raw, (lambda: acks.append(name)) if acks is not None else (lambda: None))
+
+
+@pytest.fixture(autouse=True)
+def gate(request: pytest.FixtureRequest, tmp_path: Path) -> RegisteredGate | None:
+    """gate-01 of thcs-a, registered at the hub as IT does at provisioning (the hub refuses unregistered gates)."""
+    if "hub_conn" not in request.fixturenames:
+        return None
+    return register_gate(request.getfixturevalue("hub_conn"), "thcs-a", "gate-01", tmp_path / "gate-01.key")
 
 
 def stream(conn: Connection, device: str = "gate-01") -> tuple[int, int, str | None]:
@@ -90,14 +98,17 @@ def test_invalid_messages_are_recorded_and_acknowledged_not_stored(hub_conn: Con
     assert any("event schema: kind" in r for r in reasons)
 
 
-def test_gaps_open_close_and_the_tail_is_known_from_the_status(hub_conn: Connection) -> None:
+def test_gaps_open_close_and_the_tail_is_known_from_the_status(hub_conn: Connection, gate: RegisteredGate) -> None:
     ingest = Ingest(hub_conn, "edugate")
     events = {seq: gate_event("gate-01", seq) for seq in range(1, 11)}
     ingest.store_batch([incoming(events[s]) for s in (1, 2, 4, 5, 8)])
     contiguous, highest, gap_since = stream(hub_conn)
     assert (contiguous, highest) == (2, 8) and gap_since is not None
     assert missing_ranges(hub_conn, "gate-01", "a" * 32, 2, 8) == [(3, 3), (6, 7)]
-    status = online_status("gate-01", [], None, True, backlog=2, oldest_unsynced=None, last_seq=10, journal="a" * 32)
+    status = online_status(
+        "gate-01", [], None, True, backlog=2, oldest_unsynced=None, last_seq=10, journal="a" * 32,
+        template_key=gate.template_key, signer=gate.status,
+    )  # fmt: skip
     ingest.store_batch([incoming(status, topic="edugate/thcs-a/gate-01/status")])
     assert stream(hub_conn)[1] == 10
     assert missing_ranges(hub_conn, "gate-01", "a" * 32, 2, 10) == [(3, 3), (6, 7), (9, 10)]
@@ -226,15 +237,15 @@ def test_refused_payloads_are_kept_30_days_for_diagnosis_then_deleted(hub_store:
         service.resyncer.conn.close()
 
 
-def test_a_gate_belongs_to_the_school_it_was_first_heard_from(
-    hub_store: Store, hub_conn: Connection, tmp_path: Path
+def test_a_gate_belongs_to_the_school_it_was_registered_at(
+    hub_store: Store, hub_conn: Connection, tmp_path: Path, gate: RegisteredGate
 ) -> None:
     """A district hub: a stolen gate-01 login of thcs-a speaking on thcs-b's topics is refused (it would be sent
-    thcs-b's roster); IT moving the gate forgets it first."""
+    thcs-b's roster); IT moving the gate forgets it, then registers it at its new school."""
     ingest = Ingest(hub_conn, "edugate")
 
     def status(school: str) -> Incoming:
-        data = online_status("gate-01", [], None, True, 0, None, 0, "a" * 32)
+        data = online_status("gate-01", [], None, True, 0, None, 0, "a" * 32, gate.template_key, gate.status)
         return Incoming(f"edugate/{school}/gate-01/status", data, lambda: None)
 
     ingest.store_batch([status("thcs-a"), incoming(gate_event("gate-01", 1))])
@@ -243,19 +254,24 @@ def test_a_gate_belongs_to_the_school_it_was_first_heard_from(
     assert hub_conn.all("SELECT device, school FROM devices") == [("gate-01", "thcs-a")]
     assert hub_conn.all("SELECT school, seq FROM events") == [("thcs-a", 1)]
     reasons = [r[0] for r in hub_conn.all("SELECT reason FROM rejected_messages")]
-    assert reasons == ["gate-01 is a gate of thcs-a, not of thcs-b (a gate moved to another school: run "
-                       "`edugate hub gates forget gate-01` first)"] * 2  # fmt: skip
+    assert reasons == ["gate-01 is a gate of thcs-a, not of thcs-b (a gate moved to another school: "
+                       "`edugate hub gates forget gate-01`, then add it again)"] * 2  # fmt: skip
 
     database = hub_store.config.model_dump(mode="json", exclude_none=True)
     config = write_hub_config(tmp_path / "hub.toml", {"database": database})
     listed = CliRunner().invoke(cli_main, ["hub", "gates", "list", "--config", str(config)])
-    assert listed.exit_code == 0 and listed.output.startswith("thcs-a/gate-01: online since ")
+    assert listed.exit_code == 0 and listed.output.startswith("thcs-a/gate-01: registered (")
+    assert "online since " in listed.output and "! 2 message(s) refused" in listed.output
     forgot = CliRunner().invoke(cli_main, ["hub", "gates", "forget", "gate-01", "--config", str(config)])
     assert forgot.exit_code == 0, forgot.output
-    ingest.store_batch([status("thcs-b")])
-    assert hub_conn.all("SELECT device, school FROM devices") == [("gate-01", "thcs-b")]
     ingest.store_batch([status("thcs-a"), incoming(gate_event("gate-01", 3))])  # the running hub forgot it too
+    assert hub_conn.all("SELECT school, seq FROM events") == [("thcs-a", 1)]
+    assert hub_conn.all("SELECT device FROM devices") == []
+    add = ["hub", "gates", "add", "gate-01", "--school", "thcs-b", "--template-key", gate.template_key,
+           "--signing-key", gate.signing_key_text, "--config", str(config)]  # fmt: skip
+    assert CliRunner().invoke(cli_main, add).exit_code == 0
+    ingest.store_batch([status("thcs-b"), incoming(other_event, topic="edugate/thcs-b/gate-01/events")])
     assert hub_conn.all("SELECT device, school FROM devices") == [("gate-01", "thcs-b")]
-    assert hub_conn.all("SELECT school, seq FROM events") == [("thcs-a", 1)]  # seq 3 on thcs-a's topic refused
+    assert hub_conn.all("SELECT school, seq FROM events ORDER BY seq") == [("thcs-a", 1), ("thcs-b", 2)]
     again = CliRunner().invoke(cli_main, ["hub", "gates", "forget", "gate-09", "--config", str(config)])
     assert again.exit_code == 1 and "no gate gate-09 at this hub" in again.stderr

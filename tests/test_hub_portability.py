@@ -10,7 +10,7 @@ import time
 
 import psycopg
 import pytest
-from hub_support import gate_event, payload
+from hub_support import gate_event, payload, register_gate
 from postgres_server import session_server
 
 from appliance.config import DatabaseConfig
@@ -18,6 +18,13 @@ from appliance.hub.ingest import Incoming, Ingest, IngestWorker
 from appliance.hub.store import SCHEMA_VERSION, Connection, Store, StoreError
 
 TOPIC = "edugate/thcs-a/gate-01/events"
+
+
+@pytest.fixture(autouse=True)
+def _registered(request: pytest.FixtureRequest) -> None:
+    """gate-01 of thcs-a registered at the hub (it refuses unregistered gates) wherever a test has a database."""
+    if "hub_conn" in request.fixturenames:
+        register_gate(request.getfixturevalue("hub_conn"), "thcs-a", "gate-01")
 
 
 def test_a_nul_character_is_refused_alone_on_both_databases(hub_conn: Connection) -> None:
@@ -158,6 +165,9 @@ def test_the_ingest_reconnects_after_the_database_connection_is_lost(pytestconfi
     try:
         store = Store(DatabaseConfig(url=server.url(name), password_file=server.password_file))
         store.migrate()
+        conn = store.connect()
+        register_gate(conn, "thcs-a", "gate-01")
+        conn.close()
         worker = IngestWorker(store, "edugate")
         worker.start()
         acked: list[int] = []
