@@ -38,7 +38,8 @@ from test_hub_api import (
 )
 
 from appliance.cli import main
-from appliance.config import DatabaseConfig, HubConfig, parse_hub_config
+from appliance.config import ConfigError, DatabaseConfig, HubConfig, parse_hub_config
+from appliance.config import hub as hub_settings
 from appliance.hub.api import ApiServer, api_server
 from appliance.hub.store import Connection, Store
 
@@ -581,3 +582,30 @@ def test_hub_check_names_the_token_lines_the_hub_would_not_use(tmp_path: Path) -
     assert len(warned) == 2 and "line 6 is not used: it has no scopes" in warned[0]
     assert "line 7 is not used: a token is at least 16 characters" in warned[1]
     assert not any(secret in result.output for secret in (READER, WRITER, APPROVER, DISTRICT, OLD_STYLE))
+
+
+def test_the_template_key_lives_outside_the_database_folder_and_an_old_one_is_not_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = Path(DatabaseConfig().url.removeprefix("sqlite:///")).parent
+    default = parse_hub_config({}).signing.template_key_file
+    assert database not in default.parents and default == hub_settings.DEFAULT_TEMPLATE_KEY_FILE
+    assert default.parent == parse_hub_config({}).signing.key_file.parent  # beside the signing key
+
+    old, new = tmp_path / "var-lib" / "templates.key", tmp_path / "etc" / "hub-templates.key"
+    monkeypatch.setattr(hub_settings, "OLD_TEMPLATE_KEY_FILE", old)
+    monkeypatch.setattr(hub_settings, "DEFAULT_TEMPLATE_KEY_FILE", new)
+    assert parse_hub_config({}).signing.template_key_file == new  # nothing at either place: a new hub
+    old.parent.mkdir()
+    old.write_bytes(b"k" * 32)
+    with pytest.raises(ConfigError) as moved:
+        parse_hub_config({}, "hub.toml")
+    message = str(moved.value)
+    assert len(message.splitlines()) == 1 and message.startswith("hub.toml: ")
+    assert "signing.template_key_file: the default moved" in message
+    assert f"mv {old} {new}" in message and f'template_key_file = "{old}"' in message
+    explicit = parse_hub_config({"signing": {"template_key_file": str(old)}})
+    assert explicit.signing.template_key_file == old
+    new.parent.mkdir()
+    new.write_bytes(b"k" * 32)
+    assert parse_hub_config({}).signing.template_key_file == new  # moved: the old copy no longer matters

@@ -67,6 +67,13 @@ def _api_warnings(config: HubConfig) -> list[str]:
             f"api.allow_plaintext: the API serves plain HTTP on {api.listen}: anyone on the network can read its "
             "tokens and the children's data; use tls_cert_file and tls_key_file"
         )
+    database = config.database.url.removeprefix("sqlite:///") if config.database.url.startswith("sqlite") else None
+    key = config.signing.template_key_file
+    if database is not None and Path(database).parent in (key.parent, *key.parent.parents):
+        warnings.append(
+            f"signing.template_key_file {key} is in the database's folder: one copy of that folder holds the "
+            "sealed faces and the key that opens them; keep the key elsewhere"
+        )
     if api.token_file is None:  # the API is not used yet: it answers 503 with how to set it up
         return warnings
     try:

@@ -91,14 +91,29 @@ class HubMqttConfig(MqttLink):
         return reasons
 
 
+# The hub's template key used to default to the database's own folder, so one backup of that folder held
+# both the sealed faces and the key that opens them; it now defaults to beside the signing key.
+DEFAULT_TEMPLATE_KEY_FILE = Path("/etc/edugate/hub-templates.key")
+OLD_TEMPLATE_KEY_FILE = Path("/var/lib/edugate-hub/templates.key")
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is there; a folder this user may not look into counts as no."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 class SigningConfig(Section):
     key_file: Path = Field(Path("/etc/edugate/hub-signing.key"), description="from `edugate sync keygen`")
     resync_after: float = Field(
         60.0, ge=1, description="seconds a gap in a gate's seq may stay open before the hub asks for it again"
     )
     template_key_file: Path = Field(
-        Path("/var/lib/edugate-hub/templates.key"),
-        description="AES key sealing the face templates in the hub's database (created 0600 on first use)",
+        default_factory=lambda: DEFAULT_TEMPLATE_KEY_FILE,
+        description="AES key sealing the face templates in the hub's database (created 0600 on first use); "
+        "keep it out of the database's folder, so that a copy of that folder gives no face away",
     )
     catch_up_every: float = Field(
         60.0,
@@ -106,6 +121,21 @@ class SigningConfig(Section):
         description="seconds between the hub's looks for gates that missed a roster publish (a new gate, a "
         "replaced template key), which then get it; 0: only `edugate hub roster publish` sends",
     )
+
+    @model_validator(mode="after")
+    def _template_key_moved(self) -> SigningConfig:
+        """A hub upgraded with its key at the old default must not start sealing faces with a new, empty key."""
+        if (
+            "template_key_file" not in self.model_fields_set
+            and not _is_file(self.template_key_file)
+            and _is_file(OLD_TEMPLATE_KEY_FILE)
+        ):
+            old, new = OLD_TEMPLATE_KEY_FILE, self.template_key_file
+            raise ValueError(
+                f"signing.template_key_file: the default moved from {old} (the default database's folder) to {new}; "
+                f'move the file (mv {old} {new}) or set template_key_file = "{old}" in [signing]'
+            )
+        return self
 
 
 class AttendanceConfig(Section):
