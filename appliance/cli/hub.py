@@ -78,12 +78,15 @@ def _api_warnings(config: HubConfig) -> list[str]:
         return warnings
     try:
         text = api.token_file.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
+    except FileNotFoundError:
         return [
             *warnings,
-            f"api.token_file {api.token_file}: cannot read it here ({reason}); run check as the hub's user",
+            f"api.token_file {api.token_file} does not exist: the API refuses every request until it does",
         ]
+    except PermissionError:
+        return [*warnings, f"api.token_file {api.token_file}: this user may not read it; run check as the hub's user"]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [*warnings, f"api.token_file {api.token_file}: {getattr(exc, 'strerror', None) or exc}"]
     parsed = parse_tokens(text, config.hub.schools)
     warnings += [f"api.token_file {api.token_file} {problem}" for problem in parsed.problems]
     if not parsed.grants:
