@@ -75,12 +75,18 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "no token, or a token that is not in api.token_file"},
-    403: {"model": ErrorOut, "description": "the token is not for this school, or lacks the right (read, write)"},
+    403: {"model": ErrorOut, "description": "the token is not for this school, or lacks the right it needs"},
     422: {"model": ErrorOut, "description": "a parameter or the body is not valid (e.g. a date not YYYY-MM-DD)"},
     503: {"model": ErrorOut, "description": "no token file configured, or the database is unreachable"},
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "unknown school, class or person"}
+}
+BAD_CURSOR: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "a cursor that is not a 'next' of this API"}
+}
+TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorOut, "description": "a body over api.max_body_bytes (refused unread)"}
 }
 
 
@@ -294,7 +300,7 @@ def create_app(config: HubConfig, pool: ConnectionPool) -> FastAPI:
     @app.get(
         "/v1/schools/{school}/people/{person}/events",
         response_model=PersonEvents,
-        responses={**ERRORS, **NOT_FOUND},
+        responses={**ERRORS, **NOT_FOUND, **BAD_CURSOR},
         summary="A person's gate history",
         tags=["people"],
     )
@@ -489,7 +495,12 @@ def create_app(config: HubConfig, pool: ConnectionPool) -> FastAPI:
         "/v1/schools/{school}/leave-requests",
         response_model=LeaveOut,
         status_code=201,
-        responses={**ERRORS, **NOT_FOUND, 200: {"model": LeaveOut, "description": "an existing request updated"}},
+        responses={
+            **ERRORS,
+            **NOT_FOUND,
+            **TOO_LARGE,
+            200: {"model": LeaveOut, "description": "an existing request updated"},
+        },
         summary="Send a leave request",
         tags=["leave"],
     )
