@@ -214,6 +214,7 @@ def test_token_lines_carry_scopes_and_a_bare_token_is_refused_with_how_to_fix_it
         + "0123456789abcdef0123 schools=thcs-a rights=read,delete\n"
         + "0123456789abcdef0124 rights=read\n"
         + "0123456789abcdef0125 schools=thcs-zz rights=read\n"
+        + "0123456789abcdef0126 secret-half-of-the-token schools=thcs-a rights=read\n"
     )
     assert Client(server, token=OLD_STYLE).get(f"/v1/schools/{OTHER}/attendance").status_code == 200  # no restart
     assert Client(server, token=OLD_STYLE).get(f"/v1/schools/{SCHOOL}/attendance").status_code == 403
@@ -222,6 +223,7 @@ def test_token_lines_carry_scopes_and_a_bare_token_is_refused_with_how_to_fix_it
     assert "line 7 is not used: rights= takes read, write, approve, not 'read,delete'" in logged
     assert "line 8 is not used: no schools=" in logged
     assert "line 9: school(s) thcs-zz not in hub.schools" in logged
+    assert "line 10 is not used: after the token comes schools=" in logged and "secret-half" not in logged
     for secret in (READER, WRITER, APPROVER, DISTRICT, OLD_STYLE, "0123456789abcdef012"):
         assert secret not in logged
 

@@ -120,8 +120,8 @@ def _parse_line(number: int, fields: list[str], served: list[str]) -> tuple[Gran
     values: dict[str, str] = {}
     for item in fields:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("schools", "rights"):
-            return None, f"{item!r} is not schools=... or rights=...; a line is {LINE_FORMAT}", []
+        if not sep or key not in ("schools", "rights"):  # not echoed: it may be a piece of a token split by a space
+            return None, f"after the token comes schools=... and rights=..., nothing else; a line is {LINE_FORMAT}", []
         if key in values:
             return None, f"{key}= is given twice", []
         values[key] = value
