@@ -209,3 +209,26 @@ def test_the_broker_takes_a_schools_templates_and_drops_a_50_mb_event(
         receiver.close()
         publisher.close()
         hub.stop()
+
+
+def test_the_broker_keeps_a_message_too_big_for_the_hub_out_of_its_memory(
+    tmp_path: Path, hub_store: Store, broker: Broker, pki: Pki
+) -> None:
+    """The hub announces its maximum packet size when it connects: a gate login's 1 MB event (under the broker's
+    own limit, far over what an event may be) is discarded by the broker for the hub; it never reaches the hub's
+    memory, so it is not even refused there, and the gate's next check-in is stored."""
+    hub = start_hub(tmp_path, hub_store, broker, pki, "gate-01")
+    conn = hub_store.connect()
+    gate = gate_login(broker, "gate-01")
+    try:
+        big = gate_event("gate-01", 1, kind="rejected", person="HS001", role="student", reason="x" * 1_000_000)
+        assert not gate.publish(events_topic("gate-01"), payload(big)).is_failure  # the broker took it
+        good = gate_event("gate-01", 2)
+        assert not gate.publish(events_topic("gate-01"), payload(good)).is_failure
+        wait(lambda: one(conn, "SELECT COUNT(*) FROM events") == 1, "the good event")
+        assert conn.all("SELECT id FROM events") == [(good["id"],)]
+        assert one(conn, "SELECT COALESCE(SUM(refused), 0) FROM rejected_counts") == 0
+    finally:
+        conn.close()
+        gate.close()
+        hub.stop()

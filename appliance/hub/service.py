@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from appliance import __version__
 from appliance.config import HubConfig
-from appliance.hub.ingest import EventHook, IngestWorker
+from appliance.hub.ingest import MAX_BYTES, EventHook, IngestWorker
 from appliance.hub.resync import Resyncer
 from appliance.hub.store import Store
 from appliance.sdnotify import Notifier
@@ -26,6 +26,9 @@ from appliance.sync.transport import MqttTransport
 log = logging.getLogger(__name__)
 
 RESYNC_EVERY = 5.0
+# Announced to the broker: a message bigger than the largest a gate may send (plus topic and header) is discarded
+# by the broker instead of being read into the hub's memory (its own check refuses what passes at 16 KiB).
+MAX_PACKET = max(MAX_BYTES.values()) + 4096
 CATCH_UP_SECONDS = 30.0  # after a (re)connect, time for the broker to hand over what it queued for the hub
 PRUNE_EVERY = 3600.0  # seconds between two prunes of old rejected messages (a full scan of that table)
 REJECTED_RETENTION = timedelta(days=30)  # refused payloads may hold personal data: kept for diagnosis only
@@ -67,6 +70,7 @@ class HubService:
             username=config.mqtt.username or "hub",
             subscriptions=subscriptions(config),
             manual_ack=True,
+            max_packet=MAX_PACKET,
         )
         self.transport.on_message = self.ingest.submit
         self.resyncer = Resyncer(

@@ -158,8 +158,12 @@ class MqttTransport:
         subscriptions: tuple[str, ...] = (),
         rng: random.Random | None = None,
         manual_ack: bool = False,
+        max_packet: int | None = None,
     ) -> None:
+        """``max_packet`` is announced to the broker at connect (MQTT 5 Maximum Packet Size): it discards a
+        bigger message for this client instead of sending it, so nothing larger ever reaches its memory."""
         _check_files(config)
+        self.max_packet = max_packet
         self.config = config
         self.username = username
         self.subscriptions = subscriptions
@@ -263,6 +267,8 @@ class MqttTransport:
                     continue
                 properties = Properties(PacketTypes.CONNECT)
                 properties.SessionExpiryInterval = self.config.session_expiry
+                if self.max_packet is not None:
+                    properties.MaximumPacketSize = self.max_packet
                 self._client.connect(
                     self.config.host,
                     self.config.port,
