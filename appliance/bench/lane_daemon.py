@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import re
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +85,11 @@ def enroll(journal: Path, people: list[Any]) -> None:
 
 
 class DaemonRun:
-    """``edugate run`` as a child: READY=1 over sd_notify, console acknowledgements timed as they are printed."""
+    """``edugate run`` as a child: READY=1 over sd_notify, console acknowledgements timed as they are printed.
+
+    Its stdout is a pseudo-terminal, as a gate's console is: the daemon shows names only on a terminal (a pipe
+    may be the system journal), and the bench reads the names it acknowledges.
+    """
 
     def __init__(self, config: Path, workdir: Path) -> None:
         self.log = workdir / "daemon.log"
@@ -100,21 +106,41 @@ class DaemonRun:
         }
         for name in ("WATCHDOG_USEC", "WATCHDOG_PID"):
             env.pop(name, None)
-        with self.log.open("wb") as err:
-            self.proc = subprocess.Popen(
-                daemon_command(config),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env=env,
-                cwd=workdir,
-            )
+        console, replica = pty.openpty()
+        try:
+            with self.log.open("wb") as err:
+                self.proc = subprocess.Popen(
+                    daemon_command(config),
+                    stdin=subprocess.DEVNULL,
+                    stdout=replica,
+                    stderr=err,
+                    env=env,
+                    cwd=workdir,
+                )
+        finally:
+            os.close(replica)
+        self.console = os.fdopen(console, "rb", buffering=0)
         self._reader = threading.Thread(target=self._read_acks, name="bench-acks", daemon=True)
         self._reader.start()
 
+    def _lines(self) -> Iterator[bytes]:
+        """The console's lines until the daemon exits (a pty's reader gets EIO then, not an end of file)."""
+        pending = b""
+        while True:
+            try:
+                chunk = self.console.read(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                if pending:
+                    yield pending
+                return
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            yield from lines
+
     def _read_acks(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
+        for raw in self._lines():
             now = time.monotonic()
             line = raw.decode("utf-8", errors="replace")
             found = _ACK_NAME.search(line)
@@ -140,8 +166,7 @@ class DaemonRun:
     def stop(self) -> int:
         end(self.proc)
         self._reader.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self.console.close()
         self.notify.close()
         return self.proc.returncode
 

@@ -81,7 +81,8 @@ def run_demo(
     from appliance.daemon import Gate
 
     lanes = {"in": SimulatedReader("lane-in", Direction.IN), "out": SimulatedReader("lane-out", Direction.OUT)}
-    gate = Gate(config, database, build_feedback(config.feedback, "vi"), Clock(config.zone), list(lanes.values()))
+    feedback = build_feedback(config.feedback, "vi", console=sys.stdout)  # the demo's screen: names show
+    gate = Gate(config, database, feedback, Clock(config.zone), list(lanes.values()))
     gate.start()
     out.write(f"edugate demo: journal {journal_path}, {len(parsed.people)} people on the roster\n\n")
     for lane, uid, note in SCRIPT:
