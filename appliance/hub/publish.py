@@ -15,8 +15,9 @@ later, gets the latest of each when it (re)connects and subscribes.
 One message per stream and gate, never batches: the broker keeps only the last retained message
 of a topic and a gate keeps one version per stream, so of a templates update split in parts a gate
 that comes back after its session expired would get the last part only. The shipped Mosquitto
-config sets no size limit (MQTT allows 256 MB); 2,000 students with 3 SFace templates each are about
-4 MB. A broker that announces a smaller maximum packet size, or refuses the message, is reported.
+config's max_packet_size is 32 MiB + 64 KiB, the most a gate parses; 3,000 students with 5 SFace
+templates each are 13.8 MB. A broker that announces a smaller maximum packet size, or refuses the
+message, is reported.
 
 Versions grow per (gate, stream) in ``published``: the Unix time of the publish, or the previous
 version + 1 if that is larger, so a hub whose database was rebuilt or restored from a backup still
