@@ -74,10 +74,13 @@ def tokens(tmp_path: Path) -> Path:
 
 def config_for(store: Store, token_file: Path | None, **api: Any) -> HubConfig:
     """A hub of two schools, its API on a free loopback port."""
+    database: dict[str, Any] = {"url": store.url}
+    if store.config.password_file is not None:
+        database["password_file"] = str(store.config.password_file)
     return parse_hub_config(
         {
             "hub": {"id": "hub-sec", "schools": [SCHOOL, OTHER]},
-            "database": {"url": store.url},
+            "database": database,
             "attendance": {"school_days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]},
             "api": {
                 "listen": "127.0.0.1",
@@ -128,15 +131,25 @@ def serve() -> Iterator[Callable[[Store, HubConfig], ApiServer]]:
         server.stop()
 
 
-@pytest.fixture
-def two_schools(store: Store, tmp_path: Path) -> Store:
+def fill_two_schools(store: Store, folder: Path) -> Store:
     conn = store.connect()
     add_people(conn)
-    register_gates(conn, tmp_path)
+    register_gates(conn, folder)
     monday_events(conn)
-    add_other_school(conn, tmp_path)
+    add_other_school(conn, folder)
     conn.close()
     return store
+
+
+@pytest.fixture
+def two_schools(store: Store, tmp_path: Path) -> Store:
+    return fill_two_schools(store, tmp_path)
+
+
+@pytest.fixture
+def two_schools_on_each_database(hub_store: Store, tmp_path: Path) -> Store:
+    """The same two schools on SQLite and on PostgreSQL (the scope is in the queries: both must honour it)."""
+    return fill_two_schools(hub_store, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ raw HTTP
@@ -239,9 +252,10 @@ def test_token_lines_carry_scopes_and_a_bare_token_is_refused_with_how_to_fix_it
 
 
 def test_a_token_sees_only_its_schools_in_every_listing(
-    two_schools: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
+    two_schools_on_each_database: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
 ) -> None:
-    server = serve(two_schools, config_for(two_schools, tokens))
+    store = two_schools_on_each_database
+    server = serve(store, config_for(store, tokens))
     school_a, district = Client(server, token=READER), Client(server, token=DISTRICT)
 
     for path in (
@@ -271,9 +285,10 @@ def test_a_token_sees_only_its_schools_in_every_listing(
 
 
 def test_leave_requests_need_write_and_stay_pending_without_approve(
-    two_schools: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
+    two_schools_on_each_database: Store, tokens: Path, serve: Callable[[Store, HubConfig], ApiServer]
 ) -> None:
-    server = serve(two_schools, config_for(two_schools, tokens))
+    store = two_schools_on_each_database
+    server = serve(store, config_for(store, tokens))
     path = f"/v1/schools/{SCHOOL}/leave-requests"
     attendance = f"/v1/schools/{SCHOOL}/classes/6A/attendance"
     leave = {"person": "HS003", "day_from": "2024-10-21", "reason": "Ốm"}
@@ -302,7 +317,7 @@ def test_leave_requests_need_write_and_stay_pending_without_approve(
     assert overwrite.status_code == 403 and "approved already" in error_of(overwrite)
     assert status_of_hs003() == "absent_permitted"
 
-    conn = two_schools.connect()
+    conn = store.connect()
     rows = conn.all("SELECT school, approved, source, reason FROM leave_requests")
     conn.close()
     assert rows == [(SCHOOL, 1, "api:" + hashlib.sha256(APPROVER.encode()).hexdigest()[:8], "Ốm")]
