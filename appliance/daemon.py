@@ -54,6 +54,7 @@ class _Reconfigure:
 PRUNE_INTERVAL = 3600.0
 FACE_READER = "camera"
 DISK_WARN_INTERVAL = 600.0
+SALVAGE_EXTEND_SECONDS = 30.0  # asked for at each salvage progress report (sent at least every 2 s)
 
 
 @dataclass
@@ -315,7 +316,13 @@ class Daemon:
     def __init__(self, config: GateConfig, config_path: Path | None = None) -> None:
         self.config_path = config_path
         self.file_config = config
-        self.database = open_database(config.journal.path, writer=True)
+        self.notifier = Notifier()
+        # A damaged journal is salvaged right here, before READY=1: each sign of progress buys time from systemd.
+        self.database = open_database(
+            config.journal.path,
+            writer=True,
+            progress=lambda status: self.notifier.extend_start(SALVAGE_EXTEND_SECONDS, status),
+        )
         config = self._with_hub_config(config)
         try:
             feedback = build_feedback(config.feedback, config.device.language)
@@ -335,7 +342,6 @@ class Daemon:
         self.sync_error: str | None = None
         if config.sync.enabled:
             self._attach_sync()
-        self.notifier = Notifier()
         self.status_file = status_path(config.journal.path)
         self.started = time.time()
         self._stop = threading.Event()
