@@ -20,6 +20,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hub_support import REPO, ZONE
 from hypothesis import HealthCheck, given, settings
@@ -33,6 +34,8 @@ from appliance.hub.report import export_day
 from appliance.hub.roster import import_people
 from appliance.hub.store import Store
 from appliance.journal import EventJournal, open_database
+from appliance.journal.sealing import Sealer
+from appliance.journal.template_store import TemplateStore
 from appliance.roster.importer import RosterFileError, load_roster_file
 
 SCHOOL = "thcs-a"
@@ -467,3 +470,31 @@ def test_events_with_a_payload_that_is_no_event_names_its_seq(tmp_path: Path) ->
     proc = edugate("events", "--journal", str(path), "--json")
     assert [json.loads(line)["seq"] for line in proc.stdout.splitlines()] == [1]
     assert_one_line(proc, "event seq 2 is damaged")
+
+
+def test_templates_import_from_a_damaged_journal_copy_is_one_line(tmp_path: Path) -> None:
+    """`edugate hub templates import` reads a copy of a gate's journal: a damaged copy is one line, not a crash."""
+    path = tmp_path / "gate-journal.db"
+    key = tmp_path / "gate.key"
+    key.write_bytes(bytes(range(32)))
+    key.chmod(0o600)
+    database = open_database(path, writer=True)
+    store = TemplateStore(database, Sealer(key.read_bytes()))
+    vectors = np.random.default_rng(3).standard_normal((300, 128), dtype=np.float32)
+    for i, vector in enumerate(vectors):
+        store.add(f"HS{i:03d}", "sface-2021dec", vector)
+    database.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    database.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        leaves = conn.execute("SELECT pageno FROM dbstat WHERE name = 'templates' AND pagetype = 'leaf' ORDER BY path")
+        page = [row[0] for row in leaves][5]
+    with path.open("r+b") as handle:
+        handle.seek((page - 1) * 4096)
+        handle.write(b"\xde\xad\xbe\xef" * 1024)
+    hub_toml = tmp_path / "hub.toml"
+    hub_toml.write_text(f'[hub]\nschools = ["{SCHOOL}"]\n\n[database]\nurl = "sqlite:///{tmp_path / "hub.db"}"\n')
+    proc = edugate(
+        "hub", "templates", "import", "--school", SCHOOL, "--journal", str(path), "--key-file", str(key),
+        "--config", str(hub_toml),
+    )  # fmt: skip
+    assert_one_line(proc, "this journal copy cannot be read")

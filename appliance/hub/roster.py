@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,6 +208,10 @@ def read_gate_templates(journal: Path, key_file: Path, model: str | None = None)
             raise TemplateKeyError(
                 f"{key_file}: the templates in {journal} do not open with this key (another gate's key?)"
             ) from None
+    except sqlite3.DatabaseError as exc:  # a copy taken while the gate wrote, or from a damaged card
+        raise TemplateKeyError(
+            f"{journal}: this journal copy cannot be read ({exc}); stop edugate on the gate and copy it again"
+        ) from None
     finally:
         database.close()
 
