@@ -200,6 +200,20 @@ def wide_sheet() -> bytes:
     return rezip(roster_xlsx(), change)
 
 
+def entity_bomb() -> bytes:
+    """A sheet whose first id is a billion laughs: ten levels of entities, each ten of the one below."""
+    levels = b"".join(f'<!ENTITY l{i} "{f"&l{i - 1};" * 10}">'.encode() for i in range(1, 10))
+    doctype = b'<?xml version="1.0"?><!DOCTYPE w [<!ENTITY l0 "lollollollol">' + levels + b"]>"
+
+    def change(name: str, content: bytes) -> bytes:
+        if name != "xl/worksheets/sheet1.xml":
+            return content
+        body = content[content.index(b"<worksheet") :]
+        return doctype + body.replace(b"<t>HS001</t>", b"<t>&l9;</t>", 1)
+
+    return rezip(roster_xlsx(), change)
+
+
 def utf16(text: str) -> bytes:
     return b"\xff\xfe" + text.encode("utf-16-le")
 
@@ -246,6 +260,7 @@ HOSTILE_ROSTERS: list[tuple[str, Callable[[], bytes], str]] = [
         "no worksheet",
     ),
     ("zip-bomb.xlsx", zip_bomb, "far more than a roster"),
+    ("entity-bomb.xlsx", entity_bomb, "its sheet is damaged: ParseError"),  # expat's amplification limit
 ]
 
 
