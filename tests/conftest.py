@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hub_support import hub_conn, hub_store  # noqa: F401
+from hub_support import hub_conn, hub_store, serve  # noqa: F401
 from mqtt_broker import broker, broker_factory, pki, subscriber_factory  # noqa: F401
 from sync_support import gate_factory  # noqa: F401
 

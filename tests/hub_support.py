@@ -11,7 +11,7 @@ import threading
 import time
 import tomllib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -244,3 +244,22 @@ def ensure_registered(conn: Connection, school: str, *devices: str) -> None:
         known = gates.get(conn, device)
         if known is None or not known.registered:
             register_gate(conn, school, device)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Any]]:
+    """Start the hub's API server the way the hub does (``api_server(...).start()``, or ``ApiServer`` with
+    ``kwargs``); every server started is stopped after the test."""
+    from appliance.hub.api.server import ApiServer, api_server
+
+    started: list[ApiServer] = []
+
+    def start(store: Store, config: Any, **kwargs: Any) -> ApiServer:
+        server = ApiServer(store, config, **kwargs) if kwargs else api_server(store, config)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -8,7 +8,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -25,7 +25,7 @@ from hub_support import ZONE, HubProcess, RegisteredGate, gate_event, payload, r
 from postgres_server import session_server
 
 from appliance.config import ConfigError, DatabaseConfig, HubConfig, parse_hub_config
-from appliance.hub.api import ApiServer, api_server
+from appliance.hub.api import ApiServer
 from appliance.hub.api.server import listen_socket
 from appliance.hub.ingest import Incoming, Ingest
 from appliance.hub.resync import Resyncer
@@ -151,22 +151,6 @@ def sqlite_store(tmp_path: Path) -> Store:
     store = Store(DatabaseConfig(url=f"sqlite:///{tmp_path / 'api.db'}"))
     store.migrate()
     return store
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., ApiServer]]:
-    """Start an API server the way the hub does (``api_server(...).start()``); stopped after the test."""
-    started: list[ApiServer] = []
-
-    def start(store: Store, config: HubConfig, **kwargs: Any) -> ApiServer:
-        server = ApiServer(store, config, **kwargs) if kwargs else api_server(store, config)
-        server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 class Client:

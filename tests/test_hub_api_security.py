@@ -41,7 +41,7 @@ from test_hub_api import (
 from appliance.cli import main
 from appliance.config import ConfigError, DatabaseConfig, HubConfig, parse_hub_config
 from appliance.config import hub as hub_settings
-from appliance.hub.api import ApiServer, api_server
+from appliance.hub.api import ApiServer
 from appliance.hub.store import Connection, Store
 
 OTHER = "thcs-b"
@@ -112,23 +112,6 @@ def store(tmp_path: Path) -> Store:
     created = Store(DatabaseConfig(url=f"sqlite:///{tmp_path / 'hub.db'}"))
     created.migrate()
     return created
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Store, HubConfig], ApiServer]]:
-    """Start the API as the hub does; stopped after the test."""
-    started: list[ApiServer] = []
-
-    def start(store: Store, config: HubConfig) -> ApiServer:
-        server = api_server(store, config)
-        server.start()
-        started.append(server)
-        assert server.url is not None, server.last_error
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def fill_two_schools(store: Store, folder: Path) -> Store:

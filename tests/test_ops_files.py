@@ -313,22 +313,27 @@ def test_the_display_drop_in_of_the_security_doc_loads_with_the_unit(tmp_path: P
     shutil.copy(UNIT, tmp_path / "edugate.service")
     (tmp_path / "edugate.service.d").mkdir()
     (tmp_path / "edugate.service.d" / "display.conf").write_text(drop_in, encoding="utf-8")
+    problems = verify_problems(analyze, tmp_path / "edugate.service", tmp_path)
+    assert not problems, "\n".join(problems)
+    assert exposure(tmp_path / "edugate.service") < 2.5
+
+
+def verify_problems(analyze: str, unit: Path, cwd: Path) -> list[str]:
+    """What `systemd-analyze verify` finds wrong with a unit file (the venv only exists on an installed machine)."""
     result = subprocess.run(
-        [analyze, "verify", "--man=no", str(tmp_path / "edugate.service")],
+        [analyze, "verify", "--man=no", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
         env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
-        cwd=tmp_path,
+        cwd=cwd,
     )
-    problems = [
+    return [
         line
         for line in (result.stdout + result.stderr).splitlines()
         if line.strip() and "/opt/edugate/venv/bin/edugate" not in line
     ]
-    assert not problems, "\n".join(problems)
-    assert exposure(tmp_path / "edugate.service") < 2.5
 
 
 def exposure(unit: Path) -> float:
@@ -359,22 +364,7 @@ def test_unit_file_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed")
-    result = subprocess.run(
-        [analyze, "verify", "--man=no", str(UNIT)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
-        cwd=tmp_path,
-    )
-    problems = [
-        line
-        for line in (result.stdout + result.stderr).splitlines()
-        if line.strip()
-        # The venv only exists on an installed gate.
-        and "/opt/edugate/venv/bin/edugate" not in line
-    ]
+    problems = verify_problems(analyze, UNIT, tmp_path)
     assert not problems, "\n".join(problems)
 
 
@@ -427,20 +417,7 @@ def test_hub_unit_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed")
-    result = subprocess.run(
-        [analyze, "verify", "--man=no", str(HUB_UNIT)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
-        cwd=tmp_path,
-    )
-    problems = [
-        line
-        for line in (result.stdout + result.stderr).splitlines()
-        if line.strip() and "/opt/edugate/venv/bin/edugate" not in line
-    ]
+    problems = verify_problems(analyze, HUB_UNIT, tmp_path)
     assert not problems, "\n".join(problems)
 
 
