@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,15 @@ def fill(path: Path) -> str:
     database = open_database(path, writer=True)
     conn = database.conn
     events = []
+    # The last four weeks, whatever today is: the daemon prunes synced events older than its retention (30 days).
+    first_day = date.today() - timedelta(days=28)
     for seq in range(1, EVENTS + 1):
-        ts = f"2026-11-{1 + seq * 29 // EVENTS:02d}T07:{seq % 60:02d}:00.000+07:00"
+        day = first_day + timedelta(days=seq * 27 // EVENTS)
+        ts = f"{day.isoformat()}T07:{seq % 60:02d}:00.000+07:00"
         person = f"HS{seq % PEOPLE:05d}"
         payload = {"schema": 1, "id": uuid.UUID(int=rng.getrandbits(128)).hex, "device": "gate-01", "seq": seq}
         payload |= {"ts": ts, "clock_ok": True, "kind": "arrival", "person": person, "method": "card"}
-        synced = "2026-11-30T00:00:00+00:00" if seq % 2 else None
+        synced = f"{date.today().isoformat()}T00:00:00+00:00" if seq % 2 else None
         events.append((seq, payload["id"], ts, ts[:10], "arrival", person, f"{seq:08X}", json.dumps(payload), synced))
     conn.execute("BEGIN")
     conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
@@ -62,7 +66,8 @@ def fill(path: Path) -> str:
         [(uuid.UUID(int=rng.getrandbits(128)).hex,) for _ in range(SEEN)],
     )
     conn.executemany(
-        "INSERT INTO meta VALUES (?, ?)", [("last_seq", "12"), ("hub_config", '{"policy": {"debounce_seconds": 20}}')]
+        "INSERT INTO meta VALUES (?, ?)",
+        [("last_seq", str(EVENTS)), ("hub_config", '{"policy": {"debounce_seconds": 20}}')],
     )
     conn.execute("COMMIT")
     journal_id = database.journal_id
