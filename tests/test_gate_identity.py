@@ -104,10 +104,14 @@ def test_an_unregistered_gate_is_refused_and_counted_until_it_is_registered(hub_
 def test_a_gate_speaks_only_for_its_own_school(hub_conn: Connection) -> None:
     """On a district hub, gate-01 of school A cannot record arrivals at school B, nor be believed there."""
     gate = register_gate(hub_conn, SCHOOL, DEVICE)
+    register_gate(hub_conn, SCHOOL, "gate-02")
     ingest = Ingest(hub_conn, "edugate")
     feed(ingest, f"edugate/{OTHER_SCHOOL}/{DEVICE}/events", gate_event(DEVICE, 1, kind="arrival", person="HS001"))
     feed(ingest, f"edugate/{OTHER_SCHOOL}/{DEVICE}/status", gate.status(offline()))
+    feed(ingest, f"edugate/{SCHOOL}/gate-02/status", gate.status(offline()))  # gate-01's status replayed as gate-02's
     assert stored_events(hub_conn, DEVICE) == 0 and believed_status(hub_conn, DEVICE) is None
+    second = gates.get(hub_conn, "gate-02")
+    assert believed_status(hub_conn, "gate-02") is None and second is not None and not second.pending
     registered = gates.get(hub_conn, DEVICE)
     assert registered is not None and registered.school == SCHOOL and registered.refused == 2
     feed(ingest, f"edugate/{SCHOOL}/{DEVICE}/events", gate_event(DEVICE, 1))
@@ -135,10 +139,15 @@ def test_a_status_is_believed_only_when_signed_with_the_registered_key(
     feed(ingest, topic, gate.status(offline()))
     assert believed_status(hub_conn, DEVICE) is not None and ingest.stats.statuses == 1
 
-    # A thief with the gate's MQTT password presents its own keys: held, logged loudly once, never sealed to.
+    # A thief with the gate's MQTT password presents its own keys: held, logged loudly once (also when it keeps
+    # switching between keys: at most a line a minute), never sealed to.
+    other = RegisteredGate(SCHOOL, DEVICE, tmp_path / "other-thief.key")
     with caplog.at_level(logging.WARNING, logger="appliance.hub.gates"):
         feed(ingest, topic, thief.status(offline()))
         feed(ingest, topic, thief.status(offline()))
+        for _ in range(10):
+            feed(ingest, topic, other.status(offline()))
+            feed(ingest, topic, thief.status(offline()))
     presented = fingerprint(thief.template_key, thief.signing_key_text)
     held = gates.get(hub_conn, DEVICE)
     assert held is not None and held.pending_fingerprint == presented and held.fingerprint != presented

@@ -269,6 +269,24 @@ def test_a_resync_the_gate_answers_with_no_events_closes_the_gap(hub_conn: Conne
         database.close()
 
 
+def test_an_unsigned_answer_cannot_close_a_gap_the_gates_signed_status_vouches_for(hub_conn: Connection) -> None:
+    """Results are not signed, and a stolen login reads the hub's resync request on the gate's downlink: its "no
+    events" answer, sent first, must not make the hub stop waiting for seqs the gate's signed status says it has."""
+    gate = register_gate(hub_conn, SCHOOL, "gate-01")
+    ingest = Ingest(hub_conn, "edugate")
+    ingest.store_batch([status(gate, 10)] + [incoming(gate_event("gate-01", s), []) for s in range(1, 6)])
+    commands: list[tuple[str, bytes]] = []
+    resyncer = Resyncer(hub_conn, "edugate", Ed25519PrivateKey.generate(), lambda t, d: commands.append((t, d)), 60)
+    assert resyncer.run_once(datetime.now(UTC) + timedelta(seconds=61)) == 1
+    (request,) = [json.loads(data) for _, data in commands]
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    forged = {"schema": 1, "device": "gate-01", "ref": request["nonce"], "type": "command", "version": None,
+              "ok": True, "reason": None, "detail": {"events": 0}, "ts": now}  # fmt: skip
+    ingest.store_batch([incoming(forged, [], topic("result"))])
+    assert stream(hub_conn)[:2] == (5, 10)  # still waiting for 6-10
+    assert gates_behind(hub_conn, SCHOOL, datetime.now(UTC)) == ["gate-01"]
+
+
 def test_a_gate_holding_absence_notices_back_says_so(
     hub_store: Store, hub_conn: Connection, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -20,10 +20,12 @@ transaction, so counts and pending keys land with the batch or not at all.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from appliance.hub.store import Connection
 from appliance.sync.gate_keys import GateKeyError, check_signing_key, check_template_key, fingerprint, verify_status
@@ -31,11 +33,16 @@ from appliance.sync.signing import SignatureError
 
 log = logging.getLogger(__name__)
 
+KEY_LOG_EVERY = 60.0  # seconds between two log lines about the keys one gate presents
 MAX_UNREGISTERED = 1000  # rows kept for gates heard from but not registered (a flood of names must not grow it)
 COLUMNS = (
     "device, school, template_key, signing_key, pending_template_key, pending_signing_key, pending_since, "
     "refused, last_refusal, added_at, approved_at"
 )
+
+
+# Per connection (an ingest has its own): device -> (when its key was last logged, keys presented unsaid since).
+_said: WeakKeyDictionary[Connection, dict[str, tuple[float, int]]] = WeakKeyDictionary()
 
 
 class GateRefused(Exception):
@@ -283,7 +290,8 @@ def check_status(conn: Connection, gate: Gate | None, school: str, device: str, 
 
 
 def _hold(conn: Connection, gate: Gate | None, school: str, device: str, template_key: str, signing_key: str) -> None:
-    """Keep the presented keys as pending (logged once per key, loudly: a stolen login looks exactly like this)."""
+    """Keep the presented keys as pending, and say so loudly (a stolen login looks exactly like this): once per
+    key, and at most once a minute per gate (a login that keeps presenting other keys must not flood the log)."""
     if gate is not None and (gate.pending_template_key, gate.pending_signing_key) == (template_key, signing_key):
         return
     if not _ensure_row(conn, school, device):
@@ -293,16 +301,25 @@ def _hold(conn: Connection, gate: Gate | None, school: str, device: str, templat
         "school = CASE WHEN signing_key IS NULL THEN ? ELSE school END WHERE device = ?",
         [template_key, signing_key, _now(), school, device],
     )
+    now = time.monotonic()
+    said = _said.setdefault(conn, {})
+    last, unsaid = said.get(device, (now - KEY_LOG_EVERY, 0))
+    if now - last < KEY_LOG_EVERY:
+        said[device] = (last, unsaid + 1)
+        return
+    said[device] = (now, 0)
     new = fingerprint(template_key, signing_key)
+    more = f" ({unsaid} other key(s) presented since the last such line: someone else has its login)" if unsaid else ""
     if gate is not None and gate.registered:
         log.error(
-            "hub: gate %s presents a NEW KEY (fingerprint %s, registered %s): nothing is sealed to it and the "
+            "hub: gate %s presents a NEW KEY (fingerprint %s, registered %s)%s: nothing is sealed to it and the "
             "gate's status is refused until IT approves. If the gate's key file was replaced, check that "
             "`edugate identity` on the gate shows %s, then `edugate hub gates approve %s --fingerprint %s`; "
             "if not, someone else is using its login: revoke it (scripts/provision-gate --revoke %s)",
             device,
             new,
             gate.fingerprint,
+            more,
             new,
             device,
             new,
@@ -310,11 +327,12 @@ def _hold(conn: Connection, gate: Gate | None, school: str, device: str, templat
         )
     else:
         log.warning(
-            "hub: gate %s of %s is not registered; it presents fingerprint %s: if `edugate identity` on the gate shows "
-            "the same, `edugate hub gates approve %s --fingerprint %s`",
+            "hub: gate %s of %s is not registered; it presents fingerprint %s%s: if `edugate identity` on the gate "
+            "shows the same, `edugate hub gates approve %s --fingerprint %s`",
             device,
             school,
             new,
+            more,
             device,
             new,
         )

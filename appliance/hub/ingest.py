@@ -683,6 +683,8 @@ class Ingest:
 
     def _status(self, school: str, device: str, data: dict[str, Any]) -> None:
         """Stored only when signed with the gate's registered key; a new key is held for IT (appliance.hub.gates)."""
+        if data["device"] != device:  # a gate's signed status replayed on another gate's topic
+            raise Rejected(f"status of {data['device']} published on {device}'s topic")
         gate = gates.get(self.conn, device)
         try:
             gates.check_status(self.conn, gate, school, device, data)
@@ -753,7 +755,9 @@ class Ingest:
         held = int(top[0] or 0) if top is not None else 0
         if told is not None and told < first:
             tail = told
-        elif held < first and last >= highest:
+        elif told is None and held < first and last >= highest:
+            # No signed word of the gate on its tail: only then does the (unsigned) answer lower it. Results are
+            # not signed, and a stolen login reads the request on the gate's downlink and may answer first.
             tail = first - 1
         else:
             return
