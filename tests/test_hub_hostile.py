@@ -338,14 +338,23 @@ def test_a_gate_holding_absence_notices_back_says_so(
 
 @contextmanager
 def no_file_handles() -> Iterator[None]:
-    """This process's file handle limit lowered to what it holds: opening any file fails with EMFILE, for real."""
+    """This process's file handle limit lowered to 3: opening any file fails with EMFILE, for real, while what is
+    open stays usable. (A limit just above the handles held is not enough: a thread of an earlier test closing one
+    of its sockets leaves a free number below it, and then every open succeeds. 0 is too low: poll() of one handle,
+    as psycopg waits, is refused with EINVAL.) Any of 0-2 that is free is taken for the while."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    lowest = os.open(os.devnull, os.O_RDONLY)  # the kernel gives the lowest free number: the next one opened
-    os.close(lowest)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))
+    taken: list[int] = []
+    try:
+        while True:
+            taken.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
     try:
         yield
     finally:
+        for handle in taken:
+            os.close(handle)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
