@@ -347,3 +347,17 @@ def test_hub_gates_list_flags_a_gate_that_holds_absence_notices_back(hub_store: 
     assert listing.exit_code == 0, listing.output
     flagged = [line for line in listing.stdout.splitlines() if line.startswith("  ! behind")]
     assert len(flagged) == 1 and "(gap" in flagged[0] and "missing seq 6-10" in flagged[0], listing.stdout
+
+
+def test_a_gates_signed_status_names_its_school_and_is_refused_on_another(hub_conn: Connection, tmp_path: Path) -> None:
+    """A gate not yet registered presents its key for IT to approve at the school it names inside its signature: the
+    same status replayed on another school's topic is refused, so a first approval cannot land in the wrong school."""
+    ingest = Ingest(hub_conn, "edugate")
+    gate = RegisteredGate(SCHOOL, "gate-09", tmp_path / "gate-09.key")
+    signed = gate.status({**offline("gate-09"), "school": SCHOOL})
+    feed(ingest, f"edugate/{OTHER_SCHOOL}/gate-09/status", signed)
+    heard = gates.get(hub_conn, "gate-09")
+    assert heard is not None and not heard.pending and heard.refused == 1
+    feed(ingest, f"edugate/{SCHOOL}/gate-09/status", signed)  # where it belongs: the key waits for IT
+    heard = gates.get(hub_conn, "gate-09")
+    assert heard is not None and heard.pending and heard.school == SCHOOL

@@ -269,6 +269,9 @@ def check_status(conn: Connection, gate: Gate | None, school: str, device: str, 
     registered = gate is not None and gate.registered
     if gate is not None and registered and gate.school != school:
         raise refuse(conn, school, device, f"{device} is a gate of {gate.school}, not of {school}")
+    said = status.get("school")
+    if said is not None and said != school:  # its own signed word: replayed on another school's topic
+        raise refuse(conn, school, device, f"{device}: a status of a gate of {said} on {school}'s topic")
     signing_key, template_key, sig = status.get("signing_key"), status.get("template_key"), status.get("sig")
     if not isinstance(signing_key, str) or not isinstance(sig, str):
         raise refuse(

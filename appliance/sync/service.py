@@ -56,6 +56,7 @@ class SyncService:
         sync = config.sync
         self.config = config
         self.device = config.device.id
+        self.school = config.device.school
         self.topics = Topics(sync.topic_prefix, config.device.school, config.device.id)
         self.status_source = status_source
         self._stats_db = open_database(config.journal.path, readonly=True)
@@ -64,7 +65,7 @@ class SyncService:
             sync,
             client_id=sync.client_id or f"edugate-{self.device}",
             username=sync.username or self.device,
-            will=(self.topics.status, offline_status(self.device, "connection lost", self.template_key, self.signer)),
+            will=(self.topics.status, self._offline("connection lost")),
             subscriptions=(self.topics.downlink,),
             manual_ack=True,
         )
@@ -113,11 +114,13 @@ class SyncService:
             self._status_thread.join(5)
         self.uplink.stop()
         self.downlink.stop()
-        self.transport.stop(
-            final=(self.topics.status, offline_status(self.device, "stopped", self.template_key, self.signer))
-        )
+        self.transport.stop(final=(self.topics.status, self._offline("stopped")))
         self._stats_db.close()
         self._downlink_db.close()
+
+    def _offline(self, reason: str) -> bytes:
+        """The signed status that says this gate is away (its last will, or its clean stop)."""
+        return offline_status(self.device, reason, self.template_key, self.signer, self.school)
 
     def wake(self, *_: object) -> None:
         """Gate listener: an event was just committed."""
@@ -156,6 +159,7 @@ class SyncService:
             journal=self._stats_db.journal_id,
             template_key=self.template_key,
             signer=self.signer,
+            school=self.school,
         )
 
     def health(self) -> dict[str, Any]:

@@ -37,7 +37,10 @@ def online_status(
     journal: str,
     template_key: str | None = None,
     signer: Signer | None = None,
+    school: str | None = None,
 ) -> bytes:
+    """``school`` is the gate's own (device.school): inside the signature, so the status cannot be replayed as a
+    gate of another school's."""
     age = None
     if oldest_unsynced is not None:
         age = max(0, round((datetime.now(UTC) - datetime.fromisoformat(oldest_unsynced)).total_seconds()))
@@ -60,10 +63,13 @@ def online_status(
             },
         ),
         signer,
+        school,
     )
 
 
-def offline_status(device: str, reason: str, template_key: str | None = None, signer: Signer | None = None) -> bytes:
+def offline_status(
+    device: str, reason: str, template_key: str | None = None, signer: Signer | None = None, school: str | None = None
+) -> bytes:
     """The last will (``connection lost``, signed when the connection is made) and the clean-shutdown message
     (``stopped``). They keep the template key: the hub can still seal templates for a gate that is away.
     """
@@ -72,6 +78,7 @@ def offline_status(device: str, reason: str, template_key: str | None = None, si
             template_key, {"schema": STATUS_SCHEMA, "device": device, "online": False, "ts": _now(), "reason": reason}
         ),
         signer,
+        school,
     )
 
 
@@ -80,7 +87,9 @@ def _with_key(template_key: str | None, data: dict[str, Any]) -> dict[str, Any]:
     return data if template_key is None else {**data, "template_key": template_key}
 
 
-def _encode(data: dict[str, Any], signer: Signer | None = None) -> bytes:
+def _encode(data: dict[str, Any], signer: Signer | None = None, school: str | None = None) -> bytes:
+    if school is not None:
+        data = {**data, "school": school}
     if signer is not None:
         data = signer(data)
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
