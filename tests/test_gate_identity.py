@@ -361,3 +361,41 @@ def test_a_gates_signed_status_names_its_school_and_is_refused_on_another(hub_co
     feed(ingest, f"edugate/{SCHOOL}/gate-09/status", signed)  # where it belongs: the key waits for IT
     heard = gates.get(hub_conn, "gate-09")
     assert heard is not None and heard.pending and heard.school == SCHOOL
+
+
+def test_a_forgotten_gate_leaves_nothing_retained_for_its_login(
+    hub_store: Store, tmp_path: Path, broker: Broker, pki: Pki
+) -> None:
+    """A gate moved to another school keeps its login: after `hub gates forget`, the broker holds no roster or
+    templates for it on its old school's topics (they were sealed to its key: it could open them)."""
+    config_path = hub_toml(tmp_path, hub_store, broker, pki)
+    assert cli("hub", "roster", "import", str(write_csv(tmp_path / "ds.csv", list(ROWS.values()))), "--school",
+               SCHOOL, "--config", str(config_path)).exit_code == 0  # fmt: skip
+    conn = hub_store.connect()
+    register_gate(conn, SCHOOL, DEVICE, tmp_path / "gate.key")
+    conn.close()
+    assert cli("hub", "roster", "publish", "--config", str(config_path)).exit_code == 0
+
+    def retained_roster() -> list[bytes]:
+        """What a subscriber with the gate's login is handed on its roster topic, then a marker the hub's login
+        left on another topic: the broker answers subscriptions in order, so the roster came first if it was there."""
+        hub = MqttPeer(broker, "hub", BROKER_USERS["hub"])
+        hub.connect()
+        marker = f"{BASE}/downlink/config"
+        assert not hub.publish(marker, b"marker", retain=True).is_failure
+        hub.close()
+        peer = MqttPeer(broker, DEVICE, BROKER_USERS[DEVICE])
+        peer.connect()
+        try:
+            peer.subscribe(f"{BASE}/downlink/roster")
+            peer.subscribe(marker)
+            peer.wait_for(lambda m: any(r.topic == marker for r in m), 10)
+            return [r.payload for r in peer.messages() if r.topic.endswith("/roster")]
+        finally:
+            peer.close()
+
+    assert len(retained_roster()) == 1  # the control: published, retained
+    forgot = cli("hub", "gates", "forget", DEVICE, "--config", str(config_path))
+    assert forgot.exit_code == 0, forgot.output
+    assert "no longer keeps its roster and templates" in forgot.stdout
+    assert retained_roster() == []

@@ -13,6 +13,7 @@ from appliance.cli.hub import hub_config_option
 from appliance.config import load_hub_config
 from appliance.hub import gates
 from appliance.hub.jobs import NoticeHold, notice_holds
+from appliance.hub.publish import clear_retained
 from appliance.hub.store import migrated_connection
 
 
@@ -162,10 +163,21 @@ def _hold_line(hold: NoticeHold) -> str:
 @friendly_errors
 def gates_forget(device: str, config_path: Path) -> None:
     """Remove DEVICE's registration (a gate retired, stolen or moved to another school): its messages are refused
-    until it is registered again. Its events, seq tracking and what was published to it stay."""
+    until it is registered again, and the roster and templates the broker keeps for it are emptied. Its events
+    and seq tracking stay."""
     config = load_hub_config(config_path)
     with migrated_connection(config.database) as conn:
+        sent_to = conn.all("SELECT DISTINCT school FROM published WHERE device = ?", [device])
         forgotten = gates.forget(conn, device)
     if not forgotten:
         fail(f"no gate {device} at this hub (see `edugate hub gates list`)")
     click.echo(f"{device}: forgotten; its messages are refused until `edugate hub gates add` registers it again")
+    for (school,) in sent_to:  # what the hub published to it is retained on the broker
+        problem = clear_retained(config, school, device)
+        if problem is not None:
+            topic = f"{config.mqtt.topic_prefix}/{school}/{device}/downlink"
+            fail(
+                f"{device}: the broker still keeps its roster and templates (sealed to its key): {problem}; empty "
+                f"them with the hub's login: mosquitto_pub -r -n -t {topic}/roster (and {topic}/templates)"
+            )
+        click.echo(f"{device}: the broker no longer keeps its roster and templates of {school}")

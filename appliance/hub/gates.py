@@ -210,10 +210,12 @@ def approve(conn: Connection, device: str, expected: str, school: str | None = N
 
 
 def forget(conn: Connection, device: str) -> bool:
-    """Remove a gate's registration and last status: it is refused until registered again."""
+    """Remove a gate's registration, last status and what was published to it: it is refused until registered
+    again, and then sent everything anew (``appliance.hub.publish.clear_retained`` empties the broker's copies)."""
     with conn.transaction():
         removed = conn.execute("DELETE FROM gates WHERE device = ?", [device]).rowcount
         removed += conn.execute("DELETE FROM devices WHERE device = ?", [device]).rowcount
+        conn.execute("DELETE FROM published WHERE device = ?", [device])
     return bool(removed)
 
 

@@ -54,7 +54,7 @@ from appliance.sync.downlink import new_message, schema_problem
 from appliance.sync.sealed_transport import SEALED_FIELD, TransportSealError, seal, sealed_context
 from appliance.sync.signing import sign
 from appliance.sync.topics import Topics
-from appliance.sync.transport import NO_MATCHING_SUBSCRIBERS
+from appliance.sync.transport import NO_MATCHING_SUBSCRIBERS, TransportConfigError
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +463,27 @@ def _publish_locked(
         if session is not None:
             session.close()
     return report
+
+
+def clear_retained(config: HubConfig, school: str, device: str, timeout: float = 15.0) -> str | None:
+    """Empty the roster and templates the broker keeps for a gate the hub forgot (a retained message is deleted by
+    an empty one): a gate moved to another school could otherwise still read its old school's on its old topics.
+    None when done, else why not."""
+    topics = Topics(config.mqtt.topic_prefix, school, device)
+    try:
+        session = _connected(config)
+    except (PublishError, TransportConfigError, OSError) as exc:
+        return str(exc)
+    try:
+        mids = [session.publish(topics.downlink_topic(stream), b"") for stream in STREAMS]
+        acks = session.acks(mids, timeout)
+    except (PublishError, OSError) as exc:
+        return str(exc)
+    finally:
+        session.close()
+    if len(acks) < len(mids) or any(reason.is_failure for reason in acks.values()):
+        return "the broker did not acknowledge every empty message"
+    return None
 
 
 def _connected(config: HubConfig) -> BrokerSession:
