@@ -24,6 +24,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from appliance.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -107,14 +109,6 @@ def _narrow(path: Path, chmod: Callable[[], None]) -> None:
         chmod()
     except PermissionError:
         log.warning("%s: others may read it; make it private: chmod 600 %s", path, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
@@ -377,11 +371,11 @@ def _swap_in(path: Path, done: Path, aside: Path, progress: Progress | None = No
     for suffix in ("-wal", "-shm", ""):
         with suppress(FileNotFoundError):
             os.rename(f"{path}{suffix}", f"{aside}{suffix}")
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if progress is not None:
         progress("salvaging the journal: damaged journal moved aside")
     os.rename(done, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _salvage_into_place(path: Path, progress: Progress | None) -> Path:
@@ -421,7 +415,7 @@ def _salvage_into_place(path: Path, progress: Progress | None) -> Path:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.rename(tmp, done)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     salvage.beat("salvaging the journal: copy in place, moving the damaged journal aside", force=True)
     _swap_in(path, done, aside, progress)
     log.error(

