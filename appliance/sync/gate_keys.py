@@ -38,22 +38,22 @@ def _raw(text: str, what: str) -> bytes:
     return raw
 
 
+def _checked(text: str, what: str, kind: type[X25519PublicKey] | type[Ed25519PublicKey]) -> str:
+    try:
+        kind.from_public_bytes(_raw(text, what))
+    except ValueError as exc:
+        raise GateKeyError(f"{what}: {exc}") from None
+    return text.strip()
+
+
 def check_template_key(text: str) -> str:
     """The gate's X25519 public key in its canonical base64, or GateKeyError."""
-    try:
-        X25519PublicKey.from_public_bytes(_raw(text, "template key"))
-    except ValueError as exc:
-        raise GateKeyError(f"template key: {exc}") from None
-    return text.strip()
+    return _checked(text, "template key", X25519PublicKey)
 
 
 def check_signing_key(text: str) -> str:
     """The gate's Ed25519 public key in its canonical base64, or GateKeyError."""
-    try:
-        Ed25519PublicKey.from_public_bytes(_raw(text, "signing key"))
-    except ValueError as exc:
-        raise GateKeyError(f"signing key: {exc}") from None
-    return text.strip()
+    return _checked(text, "signing key", Ed25519PublicKey)
 
 
 def fingerprint(template_key: str | None, signing_key: str | None) -> str:

@@ -29,7 +29,7 @@ from appliance import __version__
 from appliance.config import HubConfig
 from appliance.hub import attendance
 from appliance.hub.api.auth import Caller, OutOfScope
-from appliance.hub.api.door import CALLER, body_too_large
+from appliance.hub.api.door import CALLER, ApiError, body_too_large
 from appliance.hub.api.models import (
     UTF8JSON,
     ClassAttendance,
@@ -57,16 +57,6 @@ MAX_LIMIT = 1000
 MAX_CURSOR = 256  # characters; this API's cursors are about 100
 EventKind = Literal["arrival", "departure", "tap", "unknown_card", "rejected", "card_face_mismatch", "unknown_face"]
 _ISO_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-class ApiError(Exception):
-    """An answer other than 200: status, one line, and extra headers (WWW-Authenticate)."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> UTF8JSON:

@@ -81,14 +81,18 @@ def body_too_large(limit: int) -> str:
     return f"the request body is larger than {limit} bytes (api.max_body_bytes); a leave request is far smaller"
 
 
-class DoorRefusal(Exception):
-    """An answer given at the door: JSON ``{"error": ...}``, and the connection closed (its body is never read)."""
+class ApiError(Exception):
+    """An answer other than 200: status, one line, and extra headers (WWW-Authenticate)."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+class DoorRefusal(ApiError):
+    """An answer given at the door: JSON ``{"error": ...}``, and the connection closed (its body is never read)."""
 
     def response(self) -> UTF8JSON:
         return UTF8JSON(
